@@ -1,0 +1,45 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "nndiff" / "__init__.py").read_text(), version)
+
+setup(
+    name="nndiff",
+    version=version["__version__"],
+    description="Self-configuring diffusion models for medical imaging (the nnU-Net way)",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["nndiff", "nndiff.*"]),
+    install_requires=[
+        # CPU CI installs torch==2.13.0 first; this range must admit it so pip adds nothing.
+        "torch>=2.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "SimpleITK>=2.2",
+        "batchgenerators>=0.25",
+        "scikit-learn>=1.2",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.1",
+            "pytest-xdist>=3.3",
+            "diffusers>=0.30",  # test oracle for the schedulers (tests/diffusion)
+            "opensimplex>=0.4.5",  # test oracle for simplex noise
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "nndiff_extract_fingerprint=nndiff.run.plan_and_preprocess:extract_fingerprint_entry",
+            "nndiff_plan_experiment=nndiff.run.plan_and_preprocess:plan_experiment_entry",
+            "nndiff_preprocess=nndiff.run.plan_and_preprocess:preprocess_entry",
+            "nndiff_plan_and_preprocess=nndiff.run.plan_and_preprocess:plan_and_preprocess_entry",
+            "nndiff_demo=nndiff.run.demo:main",
+        ],
+    },
+)
