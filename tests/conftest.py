@@ -1,0 +1,8 @@
+"""Test-wide settings: one thread per worker (CI runs two xdist workers on two cores)."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

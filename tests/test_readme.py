@@ -1,0 +1,33 @@
+"""README, CI script and CLI help must agree (README.md is the contract CI runs)."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [line for block in blocks for line in block.splitlines() if "pytest" in line]
+    assert len(commands) == 1, "README.md must show exactly one test command"
+    return commands[0].split("&&")[-1].strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_commands = [line.strip() for line in ci.splitlines() if line.strip().startswith("python -m pytest")]
+    assert ci_commands == [_readme_test_command()]
+
+
+def test_ci_installs_cpu_torch_before_the_package():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("torch==2.13.0") < ci.index('-e ".[test]"')
+
+
+def test_every_console_script_is_documented_in_cli_md():
+    setup = (ROOT / "setup.py").read_text()
+    scripts = re.findall(r'"(nndiff_[a-z_]+)=', setup)
+    cli = (ROOT / "documentation" / "cli.md").read_text()
+    assert scripts, "no console scripts found in setup.py"
+    for script in scripts:
+        assert f"`{script}`" in cli, f"{script} missing from documentation/cli.md"
