@@ -137,36 +137,38 @@ def _check_keys(problems: _Problems, net: Mapping[str, Any]) -> None:
                      f"remove it or use one of: {', '.join(sorted(known))}")
 
 
-def _check_levels(problems: _Problems, net: Mapping[str, Any]) -> bool:
-    """Rule: channel_mult is a non-empty list of positive ints; strides has one entry per
-    downsampling (len(channel_mult) - 1), each a list of spatial_dims factors in {1, 2}."""
+def _check_channel_mult(problems: _Problems, net: Mapping[str, Any]) -> bool:
+    """Rule: channel_mult is a non-empty list of positive ints (one per resolution level)."""
     mult = net["channel_mult"]
     if not isinstance(mult, (list, tuple)) or not mult or not all(_is_int(m) and m >= 1 for m in mult):
         problems.add("channel_mult", f"must be a non-empty list of positive integers, got {mult!r}",
                      "use e.g. [1, 2, 4, 4] (one multiplier of model_channels per resolution level)")
         return False
-    ok = True
+    return True
+
+
+def _check_strides(problems: _Problems, net: Mapping[str, Any]) -> None:
+    """Rule: strides has one entry per downsampling (len(channel_mult) - 1), each a list of
+    spatial_dims factors in {1, 2}. Needs valid channel_mult and spatial_dims."""
+    num_down = len(net["channel_mult"]) - 1
     strides = net["strides"]
     dims = net["spatial_dims"]
-    if not isinstance(strides, (list, tuple)) or len(strides) != len(mult) - 1:
+    if not isinstance(strides, (list, tuple)) or len(strides) != num_down:
         got = len(strides) if isinstance(strides, (list, tuple)) else repr(strides)
         problems.add("strides", f"needs one entry per downsampling, i.e. len(channel_mult) - 1 = "
-                     f"{len(mult) - 1}, got {got}",
+                     f"{num_down}, got {got}",
                      "give one per-axis stride list between consecutive levels, or change channel_mult")
-        return False
+        return
     for i, stride in enumerate(strides):
         if not isinstance(stride, (list, tuple)) or len(stride) != dims:
             problems.add(f"strides[{i}]", f"must list one factor per spatial axis ({dims}), got {stride!r}",
                          f"write e.g. {[2] * dims} (or 1 on an axis that must not be downsampled)")
-            ok = False
         elif not all(_is_int(s) and s in ALLOWED_STRIDES for s in stride):
             problems.add(f"strides[{i}]", f"factors must be in {list(ALLOWED_STRIDES)}, got {stride!r}",
                          "use 2 to halve an axis and 1 to keep it")
-            ok = False
-    return ok
 
 
-def _check_channels(problems: _Problems, net: Mapping[str, Any], levels_ok: bool) -> None:
+def _check_channels(problems: _Problems, net: Mapping[str, Any], mult_ok: bool) -> None:
     """Rules: GroupNorm needs every level's channels divisible by norm_groups; attention
     needs the channels of every attention level divisible by num_head_channels; attention
     levels are unique level indices."""
@@ -180,7 +182,7 @@ def _check_channels(problems: _Problems, net: Mapping[str, Any], levels_ok: bool
         return
     if len(set(levels)) != len(levels):
         problems.add("attention_levels", f"has duplicates: {levels!r}", "list each level once")
-    if not (ok and levels_ok):
+    if not (ok and mult_ok):
         return
     channels = [net["model_channels"] * m for m in net["channel_mult"]]
     groups = net["norm_groups"]
@@ -237,8 +239,10 @@ def parse_network_config(network: Mapping[str, Any]) -> UNetConfig:
     if not dims_ok:
         problems.add("spatial_dims", f"must be 2 or 3, got {net['spatial_dims']!r}",
                      "use 2 for slices/2D images, 3 for volumes")
-    levels_ok = dims_ok and _check_levels(problems, net)
-    _check_channels(problems, net, levels_ok)
+    mult_ok = _check_channel_mult(problems, net)
+    if mult_ok and dims_ok:
+        _check_strides(problems, net)
+    _check_channels(problems, net, mult_ok)
     _check_conditioning(problems, net)
     problems.raise_if_any()
 

@@ -97,3 +97,10 @@ def test_unseeded_construction_follows_global_seed(make_block):
     torch.manual_seed(3)
     b = build_network(block).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_channel_rules_are_checked_even_when_strides_are_wrong(make_block):
+    with pytest.raises(PlansError) as info:
+        build_network(make_block(strides=[[2, 2]], norm_groups=3))
+    assert "network.strides:" in str(info.value)
+    assert "network.norm_groups:" in str(info.value)
