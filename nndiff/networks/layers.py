@@ -38,8 +38,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     """Sinusoidal embedding ``[cos(t f_k), sin(t f_k)]`` of one float time value per sample.
 
     ``f_k = max_period^(-k / (dim/2))``: the frequencies resolve time values from ~1 to
-    ``max_period``, i.e. they suit discrete step indices in [0, 1000]; continuous-time callers
-    scale t into that range. Computed in float32 even under autocast (bf16 would round large t).
+    ``max_period``, i.e. they suit discrete step indices in [0, 1000]; callers pass the
+    process's ``model_time(t)``. Computed in float32 even under autocast (bf16 would round large t).
     """
     half = dim // 2
     exponent = torch.arange(half, device=t.device, dtype=torch.float32) / half

@@ -60,8 +60,8 @@ class UNet(nn.Module):
 
     - ``x``: ``(B, in_channels, *spatial)``; every spatial size divisible by
       :attr:`shape_divisor` (the product of that axis' strides).
-    - ``t``: ``(B,)`` (or scalar) float time value per sample, in the units the diffusion
-      process uses for the network (discrete step index, or continuous t scaled by the caller).
+    - ``t``: ``(B,)`` (or scalar) float time value per sample: the diffusion process's
+      ``model_time(t)`` (step index for DDPM, (T-1)·t for VP SDEs, log sigma for VE).
     - ``cond_image``: ``(B, cond_channels, *spatial)``, concatenated to ``x``; required exactly
       when ``cond_channels > 0``.
     - ``class_labels`` / ``continuous``: see :mod:`nndiff.networks.conditioning`; ``None``
