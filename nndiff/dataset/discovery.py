@@ -179,7 +179,16 @@ def rgb_layout(root: Path, file_ending: str, num_channels: int) -> bool:
     return True
 
 
-def discover_split(root: Path, layout: SplitLayout) -> tuple[dict[str, Case], list[Problem]]:
+@dataclass
+class SplitResult:
+    """Complete cases of a split, the ids of incomplete ones, and the problems found."""
+
+    cases: dict[str, Case]
+    incomplete: list[str]
+    problems: list[Problem]
+
+
+def discover_split(root: Path, layout: SplitLayout) -> SplitResult:
     """Cases of one split (``imagesTr``/``labelsTr``/``targetsTr`` or the ``Ts`` folders)."""
     split = layout.split
     images_dir, labels_dir, targets_dir = (root / f"images{split}", root / f"labels{split}",
@@ -193,12 +202,15 @@ def discover_split(root: Path, layout: SplitLayout) -> tuple[dict[str, Case], li
                                                        "target")
         problems += target_problems
     cases: dict[str, Case] = {}
+    incomplete: list[str] = []
     for case_id, channels in images.items():
         case, case_problems = _assemble_case(case_id, channels, labels.get(case_id),
                                              targets.get(case_id, {}), layout, root)
         problems += case_problems
         if case is not None:
             cases[case_id] = case
+        else:
+            incomplete.append(case_id)
     for case_id in sorted(set(labels) - set(images)):
         problems.append(Problem(str(labels[case_id]), f"label of case '{case_id}' which has no images in "
                                 f"{images_dir.name}/", f"add the images or remove the stray label file"))
@@ -206,7 +218,7 @@ def discover_split(root: Path, layout: SplitLayout) -> tuple[dict[str, Case], li
         for path in targets[case_id].values():
             problems.append(Problem(str(path), f"target of case '{case_id}' which has no images in "
                                     f"{images_dir.name}/", "add the images or remove the stray target file"))
-    return cases, problems
+    return SplitResult(cases, incomplete, problems)
 
 
 def _assemble_case(case_id: str, channels: dict[int, Path], label: Path | None,

@@ -172,13 +172,17 @@ def _discover(root: Path, data: dict[str, Any]) -> tuple[RawDataset | None, list
                                targets_required=bool(target_names), allow_missing_channels=allow_missing)
     if "dataset" in data:
         cases, split_problems = cases_from_listing(root, data["dataset"], files_per_case, len(target_names))
+        num_found = len(data["dataset"]) if isinstance(data["dataset"], dict) else 0
     else:
-        cases, split_problems = discover_split(root, train_layout)
+        train = discover_split(root, train_layout)
+        cases, split_problems = train.cases, train.problems
+        num_found = len(train.cases) + len(train.incomplete)
     problems += split_problems
     test_layout = SplitLayout("Ts", file_ending, files_per_case, len(target_names), False, False, allow_missing)
-    test_cases, test_problems = discover_split(root, test_layout)
-    problems += test_problems
-    problems += _num_training_problems(root, data, cases, split_problems)
+    test = discover_split(root, test_layout)
+    test_cases = test.cases
+    problems += test.problems
+    problems += _num_training_problems(root, data, num_found)
     metadata, meta_problems = meta.load_metadata(root)
     problems += meta_problems
     metadata_path = root / meta.METADATA_FILE
@@ -223,17 +227,17 @@ def _layout_problems(root: Path, data: dict[str, Any], task: TaskFamily, has_lab
     return problems
 
 
-def _num_training_problems(root: Path, data: dict[str, Any], cases: dict[str, Case],
-                           split_problems: list[Problem]) -> list[Problem]:
-    """``numTraining`` must equal the number of complete training cases found."""
+def _num_training_problems(root: Path, data: dict[str, Any], found: int) -> list[Problem]:
+    """``numTraining`` must equal the number of training case ids found (complete or not)."""
     n = data.get("numTraining")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return []  # already reported by the schema check
-    found = len(cases)
-    if found == 0 and not split_problems:
+    if found == 0 and "dataset" not in data and not (root / "imagesTr").is_dir():
+        return []  # the missing folder is reported by _layout_problems
+    if found == 0:
         return [Problem(str(root / "imagesTr"), "holds no training cases",
                         "add images named {CASE}_{XXXX}" + data["file_ending"])]
-    if found != n and not split_problems:
+    if found != n:
         return [Problem(str(root / "dataset.json key 'numTraining'"),
                         f"is {n} but {found} training cases were found",
                         f"set numTraining to {found}, or add/remove cases")]
