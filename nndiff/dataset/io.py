@@ -378,6 +378,9 @@ def read_images(paths: Sequence[str | Path]) -> tuple[np.ndarray, ImagePropertie
     """
     if not paths:
         raise ValueError("read_images needs at least one path")
+    if any(p is None for p in paths):
+        raise ValueError("read_images got None for a missing channel (allow_missing_channels); "
+                         "pass Case.existing_images() or fill the missing channel yourself")
     arrays: list[np.ndarray] = []
     all_props: list[ImageProperties] = []
     for p in paths:

@@ -269,6 +269,8 @@ def normalized_conditions(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     conditions = data.get("conditions")
     for name, spec in (conditions.items() if isinstance(conditions, dict) else []):
+        if name in RESERVED_METADATA_KEYS:
+            continue
         if isinstance(spec, str):
             out[name] = {"type": spec}
         elif isinstance(spec, dict) and spec.get("type") in CONDITION_TYPES:
