@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nndiff.dataset import load_dataset, make_example_dataset, verify_integrity, write_image
-from nndiff.dataset.examples import properties_2d, properties_3d
+from nndiff.dataset.examples import properties_2d
 from nndiff.dataset.io import ImageProperties, read_file
 from nndiff.errors import DatasetError
 
