@@ -20,7 +20,13 @@ import numpy as np
 from nndiff.dataset import metadata as meta
 from nndiff.dataset import schema
 from nndiff.dataset.discovery import Case
-from nndiff.dataset.io import ImageProperties, geometry_differences, read_file, read_label
+from nndiff.dataset.io import (
+    SIDECAR_ENDINGS,
+    ImageProperties,
+    geometry_differences,
+    read_file,
+    read_label,
+)
 from nndiff.dataset.raw_dataset import RawDataset
 from nndiff.dataset.schema import Problem
 from nndiff.errors import DatasetError
@@ -194,10 +200,12 @@ def _compare_to_reference(path: Path, props: ImageProperties, reference: tuple[P
         return path, props
     diffs = geometry_differences(reference[1], props)
     if diffs:
+        fix = ("all channels, the label and the targets of a case must share shape, spacing, origin "
+               "and direction: resample or fix the header")
+        if path.name.lower().endswith(SIDECAR_ENDINGS):
+            fix += " (for this format the geometry comes from the sidecar JSON: check that every file has one)"
         report.problems.append(Problem(str(path), f"does not match {reference[0].name} of case "
-                                       f"'{report.identifier}': " + "; ".join(diffs),
-                                       "all channels, the label and the targets of a case must share "
-                                       "shape, spacing, origin and direction: resample or fix the header"))
+                                       f"'{report.identifier}': " + "; ".join(diffs), fix))
     return reference
 
 

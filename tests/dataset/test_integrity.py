@@ -284,6 +284,13 @@ def test_geometry_within_tolerance_passes(seg: Path) -> None:
     verify_integrity(load_dataset(seg), full=True)
 
 
+def test_label_without_sidecar_mismatches_image_sidecar(tmp_path: Path) -> None:
+    folder = make_example_dataset("anomaly_2d", tmp_path, 8, num_cases=2)
+    (folder / "imagesTr" / "case_001.json").write_text(json.dumps({"spacing": [0.5, 0.5]}))
+    err = _check(folder, "labelsTr/case_001.png", "spacing", full=True)
+    assert "sidecar JSON" in str(err)
+
+
 def test_nan_values(tmp_path: Path) -> None:
     # .npy here: SimpleITK's NIfTI reader itself turns NaN/Inf into 0 (nifti1_io), so NIfTI
     # files can never show them (documented in dataset_format.md).

@@ -89,6 +89,15 @@ def test_tiff_float_and_sidecar_geometry(tmp_path: Path) -> None:
     assert p.spacing == (999.0, 0.2, 0.3)
 
 
+def test_jpeg_grey_is_lossy_but_close(tmp_path: Path) -> None:
+    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    arr = (4 * x + 2 * y).astype(np.uint8)[None, None]
+    write_image(arr, properties_2d(), tmp_path / "j.jpg")
+    back, props = read_file(tmp_path / "j.jpg")
+    assert back.shape == (1, 1, 32, 32) and props.spacing == (999.0, 1.0, 1.0)
+    assert np.abs(back.astype(float) - arr).mean() < 3.0  # JPEG quantisation error on a smooth ramp
+
+
 def test_unit_geometry_png_writes_no_sidecar(tmp_path: Path) -> None:
     write_image(np.ones((1, 1, 4, 4), np.uint8), properties_2d(shape=(4, 4)), tmp_path / "x.png")
     assert _visible(tmp_path) == ["x.png"]
