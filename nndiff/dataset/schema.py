@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from nndiff.dataset.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, is_supported_ending
 from nndiff.diffusion.options import (
     Degradation,
+    MaskType,
     ReconstructionOperator,
     TaskFamily,
     parse_option,
@@ -48,7 +49,7 @@ RESERVED_METADATA_KEYS = ("subject", "healthy")
 CONDITION_TYPES = ("categorical", "continuous")
 
 # Reconstruction block vocabulary. TODO(options.py): a MaskType StrEnum would own these names.
-MRI_MASK_TYPES = ("random", "equispaced", "gaussian")
+MRI_MASK_TYPES = tuple(m.value for m in MaskType)
 RECONSTRUCTION_KEYS = {
     ReconstructionOperator.MRI_CARTESIAN: ("operator", "acceleration", "center_fraction",
                                            "mask_type", "num_coils"),

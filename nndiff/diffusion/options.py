@@ -115,6 +115,14 @@ class Degradation(StrEnum):
     POISSON = "poisson"
 
 
+class MaskType(StrEnum):
+    """Cartesian MRI undersampling mask."""
+
+    RANDOM = "random"
+    EQUISPACED = "equispaced"
+    GAUSSIAN = "gaussian"
+
+
 class ReconstructionOperator(StrEnum):
     MRI_CARTESIAN = "mri_cartesian"
     CT_PARALLEL = "ct_parallel"
