@@ -6,8 +6,8 @@ The estimate walks the network block (documentation/architecture.md) the way the
 - input conv → per level: ``num_res_blocks`` residual blocks (+ self-attention at attention
   levels), then a strided-conv downsample (except at the deepest level); every block output is
   kept as a skip tensor;
-- middle: residual block, attention (the deepest level always has attention in our plans),
-  residual block;
+- middle: residual block, attention (when the deepest level is an attention level, which the
+  planner always makes it), residual block;
 - decoder per level: ``num_res_blocks + 1`` residual blocks over [h, skip] (+ attention), then a
   nearest-upsample + conv (except at level 0); output GroupNorm–SiLU–conv.
 
@@ -140,7 +140,8 @@ def unet_layout(net: Mapping[str, Any]) -> UNetLayout:
             skips.append((ch, level + 1))
     encoder_skips = tuple(skips)
     blocks.append(Block("res", last, ch, ch))
-    blocks.append(Block("attn", last, ch, ch))  # middle: the deepest level always has attention in our plans
+    if last in attention:  # middle attention iff the deepest level is an attention level
+        blocks.append(Block("attn", last, ch, ch))
     blocks.append(Block("res", last, ch, ch))
     for level in range(last, -1, -1):
         for i in range(nrb + 1):
