@@ -84,15 +84,18 @@ def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise NnDiffError(f"unknown device {device!r}. Fix: use cpu, cuda or auto")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise NnDiffError("device cuda requested but torch finds no CUDA device. Fix: use -device cpu")
-    return torch.device(device)
+    if not isinstance(device, torch.device):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise NnDiffError(f"unknown device {device!r}. Fix: use cpu, cuda or auto")
+        device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NnDiffError("device cuda requested but torch finds no CUDA device. Fix: use -device cpu")
+        if device.index is None:  # an explicit index: checkpoints and set_device need one
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_precision(setting: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
