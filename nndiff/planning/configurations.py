@@ -123,8 +123,9 @@ def plan_pixel_configuration(ctx: PlanContext, name: str, spacing: list[float], 
     network = decide_network_topology(patch.value, spacing, ch, ctx.conditioning.value, ctx.dropout.value)
     batch = decide_batch_size(network.value, patch.value, target, voxels)
     vram = decide_estimated_vram(network.value, patch.value, batch.value, target)
-    diffusion, diffusion_reasons = decide_diffusion(ctx.task, patch.value, ctx.produced_schemes)
-    sampling = decide_sampling(ctx.task, *ctx.conditioning.value)
+    diffusion, diffusion_reasons = decide_diffusion(ctx.task, patch.value, ctx.produced_schemes,
+                                                    *ctx.conditioning.value)
+    sampling = decide_sampling(ctx.task)
     crop = decide_crop_to_nonzero(ctx.fp, ctx.task)
     resampling = decide_resampling(spacing)
     spacing_d = _spacing_decision(name, spacing, spacing_reason)

@@ -1,10 +1,10 @@
 """Rules: the ``diffusion`` block (read by the diffusion core's ``build_process`` / ``build_sampler``)
 and the family's ``sampling`` options (read by the family's predictor).
 
-Diffusion block keys (stable, shared with nndiff.diffusion): process, num_train_timesteps, schedule,
-snr_shift, parameterization, loss_weighting, min_snr_gamma, noise_type, sampler,
-num_sampling_steps, timestep_spacing, clip_x0 and, for simplex noise, simplex {octaves,
-persistence, frequency}.
+Diffusion block keys (those of ``nndiff.diffusion.config.DiffusionConfig``, which rejects unknown
+keys): process, num_train_timesteps, schedule, snr_shift, parameterization, loss_weighting,
+min_snr_gamma, noise_type, noise_params (simplex: {octaves, persistence, frequency}; Gaussian: {}),
+sampler, num_sampling_steps, timestep_spacing, clip_x0, guidance, guidance_scale, condition_dropout.
 """
 from __future__ import annotations
 
@@ -76,28 +76,38 @@ def decide_process(task: TaskFamily) -> Decision[tuple[Process, int]]:
                     "every planned sampler is defined on it")
 
 
-def snr_shift_for_patch(patch_size: Sequence[int]) -> float:
+def snr_factor_for_patch(patch_size: Sequence[int]) -> float:
     """Π_axes (side / 64), at least 1: the factor by which average-pooling the patch to a 64-per-axis
     grid raises the SNR (pooling k voxels divides the noise variance by k)."""
     return max(1.0, math.prod(s / SNR_SHIFT_REFERENCE_SIDE for s in patch_size))
 
 
+def snr_shift_for_patch(patch_size: Sequence[int]) -> float:
+    """The plan's ``snr_shift`` s, in the diffusion core's convention SNR'(t) = SNR(t) / s²
+    (``nndiff.diffusion.schedules.shift_snr``; s = d/64 for a d×d image as in Hoogeboom et al.):
+    s = sqrt(Π_axes side / 64), so that SNR / s² = SNR / Π(side / 64)."""
+    return math.sqrt(snr_factor_for_patch(patch_size))
+
+
 def decide_schedule(patch_size: Sequence[int]) -> Decision[tuple[Schedule, float]]:
     """Cosine schedule (Nichol & Dhariwal 2021, designed at 64×64) with a resolution-dependent shift
-    for larger patches: the SNR is divided by ``snr_shift`` = Π(side / 64) (log-SNR shifted by
-    −log snr_shift; Hoogeboom et al. 2023 "simple diffusion" shift 2·log(64/d) in 2D, Chen 2023 "On
-    the importance of noise scheduling"), because neighbouring voxels of a large image are
-    redundant and the same per-voxel noise destroys less of it (2D: (d/64)²; nD: voxels pooled
-    into one 64-per-axis voxel)."""
+    for larger patches: the SNR is divided by Π(side / 64) (log-SNR shifted by −log Π(side/64);
+    Hoogeboom et al. 2023 "simple diffusion": 2·log(64/d) for a d×d image; Chen 2023 "On the
+    importance of noise scheduling"), because neighbouring voxels of a large image are redundant
+    and the same per-voxel noise destroys less of it (2D: (d/64)²; nD: the number of voxels pooled
+    into one voxel of a 64-per-axis grid). Stored as ``snr_shift`` = sqrt(Π(side / 64)) in the
+    diffusion core's convention SNR / snr_shift²."""
+    factor = snr_factor_for_patch(patch_size)
     shift = snr_shift_for_patch(patch_size)
     ratios = " · ".join(f"({s}/{SNR_SHIFT_REFERENCE_SIDE})" for s in patch_size)
-    if shift <= 1.0:
+    if factor <= 1.0:
         return Decision((Schedule.COSINE, 1.0),
                         f"patch {fmt_shape(patch_size)} ≤ {SNR_SHIFT_REFERENCE_SIDE} voxels per axis in total "
                         f"({ratios} ≤ 1) → plain cosine schedule, snr_shift 1")
     return Decision((Schedule.COSINE, round(shift, 6)),
-                    f"patch {fmt_shape(patch_size)} → cosine schedule with snr_shift {ratios} = {fmt_num(shift)} "
-                    f"(log-SNR − {math.log(shift):.3g}; Hoogeboom et al. 2023, Chen 2023)")
+                    f"patch {fmt_shape(patch_size)} → cosine schedule with the SNR divided by {ratios} = "
+                    f"{fmt_num(factor)} (log-SNR − {math.log(factor):.3g}; Hoogeboom et al. 2023, Chen 2023); "
+                    f"snr_shift = sqrt({fmt_num(factor)}) = {fmt_num(shift)} (SNR / snr_shift²)")
 
 
 def decide_parameterization(task: TaskFamily) -> Decision[Parameterization]:
@@ -153,7 +163,22 @@ def decide_clip_x0(produced_schemes: Sequence[str]) -> Decision[list[float] | No
                           "by the 99.5th percentile, so about 0.5 % exceed 1) → no x0 clipping")
 
 
-def decide_diffusion(task: TaskFamily, patch_size: Sequence[int], produced_schemes: Sequence[str]
+def decide_guidance(num_classes: int | None, num_continuous: int) -> Decision[dict[str, Any]]:
+    """Classifier-free guidance when the dataset declares conditions: conditions dropped with
+    p = 0.1 in training (Ho & Salimans 2022 used 0.1-0.2), guidance scale 2.0 at sampling
+    (ε = ε_uncond + s·(ε_cond − ε_uncond); s = 1 is plain conditional sampling); none otherwise."""
+    if num_classes or num_continuous:
+        return Decision({"guidance": str(Guidance.CLASSIFIER_FREE), "guidance_scale": CFG_GUIDANCE_SCALE,
+                         "condition_dropout": CFG_CONDITION_DROPOUT},
+                        f"{num_classes or 0} classes / {num_continuous} continuous condition(s) → classifier-free "
+                        f"guidance, scale {fmt_num(CFG_GUIDANCE_SCALE)} (ε = ε_uncond + s·(ε_cond − ε_uncond)), "
+                        f"conditions dropped with p = {fmt_num(CFG_CONDITION_DROPOUT)} in training (Ho & Salimans 2022)")
+    return Decision({"guidance": str(Guidance.NONE), "guidance_scale": 1.0, "condition_dropout": 0.0},
+                    "no conditions (0 classes, 0 continuous) → no guidance, condition dropout 0")
+
+
+def decide_diffusion(task: TaskFamily, patch_size: Sequence[int], produced_schemes: Sequence[str],
+                     num_classes: int | None = None, num_continuous: int = 0
                      ) -> tuple[dict[str, Any], dict[str, str]]:
     """The ``diffusion`` block and one reason per sub-decision (keys ``diffusion.<name>``)."""
     process = decide_process(task)
@@ -163,6 +188,7 @@ def decide_diffusion(task: TaskFamily, patch_size: Sequence[int], produced_schem
     noise = decide_noise_type(task)
     sampler = decide_sampler(task)
     clip = decide_clip_x0(produced_schemes)
+    guidance = decide_guidance(num_classes, num_continuous)
     block: dict[str, Any] = {
         "process": str(process.value[0]),
         "num_train_timesteps": process.value[1],
@@ -172,13 +198,13 @@ def decide_diffusion(task: TaskFamily, patch_size: Sequence[int], produced_schem
         "loss_weighting": str(weighting.value[0]),
         "min_snr_gamma": weighting.value[1],
         "noise_type": str(noise.value[0]),
+        "noise_params": dict(noise.value[1] or {}),
         "sampler": str(sampler.value[0]),
         "num_sampling_steps": sampler.value[1],
         "timestep_spacing": str(sampler.value[2]),
         "clip_x0": clip.value,
+        **guidance.value,
     }
-    if noise.value[1] is not None:
-        block["simplex"] = dict(noise.value[1])
     reasons = {
         "diffusion.process": process.reason,
         "diffusion.schedule": schedule.reason,
@@ -187,39 +213,29 @@ def decide_diffusion(task: TaskFamily, patch_size: Sequence[int], produced_schem
         "diffusion.noise_type": noise.reason,
         "diffusion.sampler": sampler.reason,
         "diffusion.clip_x0": clip.reason,
+        "diffusion.guidance": guidance.reason,
     }
     return block, reasons
 
 
-def decide_sampling(task: TaskFamily, num_classes: int | None, num_continuous: int) -> Decision[dict[str, Any]]:
-    """Family options the predictor reads next to the diffusion block: classifier-free guidance when
-    the dataset declares conditions (condition dropout 0.1 in training, Ho & Salimans 2022; scale
-    2.0), partial-diffusion / warm-start fraction, data consistency, segmentation ensemble size."""
+def decide_sampling(task: TaskFamily) -> Decision[dict[str, Any]]:
+    """Family options the family's predictor reads next to the diffusion block: where partial
+    diffusion / warm start begins (``start_fraction`` of the schedule), data consistency and warm
+    start for reconstruction, ensemble size and label encoding for segmentation; empty otherwise."""
     options: dict[str, Any] = {}
-    why: list[str] = []
-    if num_classes or num_continuous:
-        options.update(guidance=str(Guidance.CLASSIFIER_FREE), guidance_scale=CFG_GUIDANCE_SCALE,
-                       condition_dropout=CFG_CONDITION_DROPOUT)
-        why.append(f"conditions declared → classifier-free guidance, scale {fmt_num(CFG_GUIDANCE_SCALE)} "
-                   f"(ε = ε_uncond + s·(ε_cond − ε_uncond)), conditions dropped with p = "
-                   f"{fmt_num(CFG_CONDITION_DROPOUT)} in training (Ho & Salimans 2022)")
-    else:
-        options["guidance"] = str(Guidance.NONE)
-        why.append("no conditions → no guidance (0 class / continuous conditions)")
-    if task in _START_FRACTION:
+    if task == TaskFamily.RECONSTRUCTION:
+        frac = _START_FRACTION[task]
+        options.update(start_fraction=frac, warm_start="adjoint", data_consistency=True)
+        return Decision(options, f"warm start from the adjoint (zero-filled / back-projected) reconstruction at "
+                                 f"t0 = {fmt_num(frac)}·T = {int(frac * NUM_TRAIN_TIMESTEPS)} (CCDF, Chung et al. "
+                                 "2022), data consistency after every step")
+    if task == TaskFamily.ANOMALY_DETECTION:
         frac = _START_FRACTION[task]
         options["start_fraction"] = frac
-        if task == TaskFamily.RECONSTRUCTION:
-            options["data_consistency"] = True
-            options["warm_start"] = "adjoint"
-            why.append(f"warm start from the adjoint (zero-filled / back-projected) reconstruction at "
-                       f"t0 = {fmt_num(frac)}·T, data consistency after every step")
-        else:
-            why.append(f"partial diffusion from t0 = {fmt_num(frac)}·T = {int(frac * NUM_TRAIN_TIMESTEPS)} "
-                       "(AnoDDPM's λ = 250)")
+        return Decision(options, f"partial diffusion from t0 = {fmt_num(frac)}·T = {int(frac * NUM_TRAIN_TIMESTEPS)} "
+                                 "(AnoDDPM's λ = 250), anomaly map = |input − reconstruction|")
     if task == TaskFamily.SEGMENTATION:
-        options["num_ensemble_samples"] = SEGMENTATION_ENSEMBLE
-        options["label_encoding"] = "one_hot"
-        why.append(f"ensemble of {SEGMENTATION_ENSEMBLE} samples averaged (Wolleb et al. 2022) for the "
-                   "label map and an uncertainty map")
-    return Decision(options, "; ".join(why))
+        options.update(num_ensemble_samples=SEGMENTATION_ENSEMBLE, label_encoding="one_hot")
+        return Decision(options, f"ensemble of {SEGMENTATION_ENSEMBLE} samples averaged (Wolleb et al. 2022) for "
+                                 "the label map (argmax of one-hot channels) and an uncertainty map")
+    return Decision(options, f"{task}: full sampling from t = {NUM_TRAIN_TIMESTEPS - 1}, no family-specific options")

@@ -19,7 +19,9 @@ from planning_fixtures import (
 
 import nndiff.tasks
 from nndiff.diffusion.options import (
+    Guidance,
     LossWeighting,
+    NoiseType,
     NormalizationScheme,
     Parameterization,
     Process,
@@ -32,7 +34,8 @@ from nndiff.errors import PlansError
 from nndiff.planning import Decision, explain, plan_experiment, resolve_configuration
 
 DIFFUSION_KEYS = {"process", "num_train_timesteps", "schedule", "snr_shift", "parameterization", "loss_weighting",
-                  "min_snr_gamma", "noise_type", "sampler", "num_sampling_steps", "timestep_spacing", "clip_x0"}
+                  "min_snr_gamma", "noise_type", "noise_params", "sampler", "num_sampling_steps", "timestep_spacing",
+                  "clip_x0", "guidance", "guidance_scale", "condition_dropout"}
 NETWORK_KEYS = {"architecture", "spatial_dims", "in_channels", "cond_channels", "out_channels", "model_channels",
                 "channel_mult", "strides", "num_res_blocks", "attention_levels", "num_head_channels", "norm_groups",
                 "dropout", "num_classes", "num_continuous_conditions"}
@@ -66,7 +69,7 @@ def test_diffusion_block_keys_and_spellings_for_every_family():
         plan = plan_experiment(fp, spec)
         for name, c in plan["configurations"].items():
             d = c["diffusion"]
-            assert DIFFUSION_KEYS <= set(d) and set(d) - DIFFUSION_KEYS <= {"simplex"}, (task, name)
+            assert set(d) == DIFFUSION_KEYS, (task, name)
             assert set(c["network"]) == NETWORK_KEYS
             parse_option(Process, d["process"])
             parse_option(Schedule, d["schedule"])
@@ -74,6 +77,8 @@ def test_diffusion_block_keys_and_spellings_for_every_family():
             parse_option(LossWeighting, d["loss_weighting"])
             parse_option(Sampler, d["sampler"])
             parse_option(TimestepSpacing, d["timestep_spacing"])
+            parse_option(NoiseType, d["noise_type"])
+            parse_option(Guidance, d["guidance"])
             assert (d["process"], d["num_train_timesteps"], d["parameterization"]) == ("vp_discrete", 1000, "v")
             assert (d["loss_weighting"], d["min_snr_gamma"]) == ("min_snr", 5.0)
             for entry in plan["normalization"]["images"] + plan["normalization"]["targets"]:
@@ -99,10 +104,11 @@ def test_anomaly_detection_uses_simplex_noise_and_partial_diffusion():
     plan = plan_experiment(_small_2d("anomaly_detection"), dataset_json("anomaly_detection"))
     d = _only(plan)["diffusion"]
     assert d["noise_type"] == "simplex"
-    assert d["simplex"] == {"octaves": 6, "persistence": 0.8, "frequency": 64}
+    assert d["noise_params"] == {"octaves": 6, "persistence": 0.8, "frequency": 64}
     assert d["sampler"] == "ddpm" and _only(plan)["sampling"]["start_fraction"] == 0.25
     generation = plan_experiment(_small_2d("generation"), dataset_json("generation"))
-    assert _only(generation)["diffusion"]["noise_type"] == "gaussian" and "simplex" not in _only(generation)["diffusion"]
+    assert _only(generation)["diffusion"]["noise_type"] == "gaussian"
+    assert _only(generation)["diffusion"]["noise_params"] == {}
     assert _only(generation)["diffusion"]["sampler"] == "dpm_solver_pp_2m"
 
 
@@ -160,7 +166,10 @@ def test_conditions_set_classes_continuous_inputs_and_guidance():
     c = _only(plan)
     assert c["network"]["num_classes"] == 6 and c["network"]["num_continuous_conditions"] == 1
     assert "num_classes 6" in c["reasons"]["network.conditioning"]
-    assert c["sampling"]["guidance"] == "classifier_free" and c["sampling"]["condition_dropout"] == 0.1
+    d = c["diffusion"]
+    assert (d["guidance"], d["guidance_scale"], d["condition_dropout"]) == ("classifier_free", 2.0, 0.1)
+    unconditional = _only(plan_experiment(_small_2d("generation"), dataset_json()))["diffusion"]
+    assert (unconditional["guidance"], unconditional["condition_dropout"]) == ("none", 0.0)
     with pytest.raises(PlansError, match="conditions.sex"):
         plan_experiment(_small_2d("generation"), dataset_json(conditions={"sex": {"type": "categorical"}}))
 

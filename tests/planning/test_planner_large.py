@@ -226,7 +226,11 @@ def test_snr_shift_grows_with_patch_size(plans):
     xray = plans[("xray", 64.0)]["configurations"]["2d"]
     side = xray["patch_size"]
     assert xray["diffusion"]["schedule"] == "cosine"
-    assert xray["diffusion"]["snr_shift"] == pytest.approx((side[0] / 64) * (side[1] / 64))
+    # the diffusion core divides the SNR by snr_shift² (shift_snr): (d/64)² for a d×d patch (Hoogeboom et al.)
+    assert xray["diffusion"]["snr_shift"] ** 2 == pytest.approx((side[0] / 64) * (side[1] / 64))
+    assert xray["diffusion"]["snr_shift"] == pytest.approx(side[0] / 64)  # square patch
+    ct = plans[("ct", 24.0)]["configurations"]["3d_fullres"]
+    assert ct["diffusion"]["snr_shift"] ** 2 == pytest.approx(max(1.0, math.prod(s / 64 for s in ct["patch_size"])))
     assert plans[("xray", 8.0)]["configurations"]["2d"]["diffusion"]["snr_shift"] < xray["diffusion"]["snr_shift"]
 
 
