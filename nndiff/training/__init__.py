@@ -5,6 +5,7 @@ See ``documentation/training.md``. Families subclass :class:`Trainer` and regist
 """
 from nndiff.training.checkpoint import BEST, FINAL, LATEST, load_checkpoint, plans_hash
 from nndiff.training.config import TrainingSettings, parse_training_settings, total_iterations
+from nndiff.training.progress import image_grid, save_image_grid
 from nndiff.training.registry import (ENTRY_POINT_GROUP, TRAINERS, available_trainers, get_trainer_class,
                                       register_trainer)
 from nndiff.training.splits import load_or_create_splits, make_grouped_splits
@@ -12,7 +13,7 @@ from nndiff.training.trainer import Trainer, per_sample, resolve_configuration
 
 __all__ = [
     "BEST", "ENTRY_POINT_GROUP", "FINAL", "LATEST", "TRAINERS", "Trainer", "TrainingSettings",
-    "available_trainers", "get_trainer_class", "load_checkpoint", "load_or_create_splits", "make_grouped_splits",
-    "parse_training_settings", "per_sample", "plans_hash", "register_trainer", "resolve_configuration",
-    "total_iterations",
+    "available_trainers", "get_trainer_class", "image_grid", "load_checkpoint", "load_or_create_splits",
+    "make_grouped_splits", "parse_training_settings", "per_sample", "plans_hash", "register_trainer",
+    "resolve_configuration", "save_image_grid", "total_iterations",
 ]

@@ -273,6 +273,10 @@ class Trainer:
         """The weights validation and sampling use: the EMA copy."""
         return self.ema_network
 
+    def is_progress_epoch(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) writes progress.png; families write sample grids then too."""
+        return (epoch + 1) % self.settings.progress_every_epochs == 0
+
     def _refuse_untrainable(self) -> None:
         if self.configuration.get("trainable", True) is False:
             status = self.configuration.get("status", "not trainable")
@@ -530,7 +534,7 @@ class Trainer:
         self._reset_epoch_accumulator()
         if (epoch + 1) % self.settings.checkpoint_every_epochs == 0:
             self._save(ckpt.LATEST)
-        if (epoch + 1) % self.settings.progress_every_epochs == 0:
+        if self.is_progress_epoch(epoch):
             self._plot()
 
     def _finish(self) -> None:

@@ -160,3 +160,20 @@ def test_bad_case_files_fail_with_their_name(tmp_path):
 def test_patch_size_must_match_spatial_dims():
     with pytest.raises(NnDiffError, match="must have 3 entries"):
         SamplingSpec((8, 8), 3)
+
+
+def test_image_grid_tiles_and_scales(tmp_path):
+    import torch
+
+    from nndiff.training import image_grid, save_image_grid
+
+    batch = np.stack([np.full((1, 4, 6), v, np.float32) for v in (-1.0, 0.0, 1.0, 5.0)])
+    grid = image_grid(batch, ncols=2, pad=1)
+    assert grid.shape == (2 * 5 + 1, 2 * 7 + 1) and grid.dtype == np.uint8
+    assert grid[1, 1] == 0 and grid[1, 8] == 128 and grid[6, 1] == 255 and grid[6, 8] == 255  # 5.0 clipped
+    volume = torch.zeros(2, 3, 5, 4, 4)
+    volume[:, :, 2] = 1.0  # middle slice
+    rgb = image_grid(volume, ncols=2, pad=0)
+    assert rgb.shape == (4, 8, 3) and np.all(rgb == 255)
+    save_image_grid(batch, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"

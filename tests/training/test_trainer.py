@@ -235,3 +235,38 @@ def test_train_fold_api_finds_dataset_and_plans(dataset, tmp_path):
     assert trainer.output_dir.parent.name == "TinyTrainer__nnDiffPlans__2d"
     with pytest.raises(NnDiffError, match="plans file .*nnDiffPlansX.json not found"):
         train_fold(901, "2d", 0, paths, trainer=TinyTrainer, plans_name="nnDiffPlansX")
+
+
+class GridTrainer(TinyTrainer):
+    """Writes a sample grid at progress epochs, drawing random numbers as a sampler would."""
+
+    def on_epoch_end(self, epoch, record):
+        import numpy as np
+
+        from nndiff.training import save_image_grid
+
+        np.random.random(5)
+        noise = torch.randn(4, 1, 8, 8)
+        if self.is_progress_epoch(epoch):
+            with torch.no_grad():
+                save_image_grid(self.validation_network(noise), self.output_dir / f"samples_epoch{epoch}.png")
+
+
+def test_epoch_end_hooks_do_not_change_training(dataset, tmp_path):
+    plans = make_plans(progress_every_epochs=2)
+    plain = make_trainer(TinyTrainer, plans, dataset, tmp_path / "plain")
+    plain.run_training()
+    grids = make_trainer(GridTrainer, plans, dataset, tmp_path / "grids")
+    grids.run_training()
+    assert (tmp_path / "grids" / "samples_epoch1.png").is_file()
+    assert not (tmp_path / "grids" / "samples_epoch0.png").exists()
+    for key, value in plain.network.state_dict().items():
+        assert torch.equal(value, grids.network.state_dict()[key]), key
+
+
+def test_time_limit_stops_after_the_current_iteration(dataset, tmp_path):
+    trainer = make_trainer(TinyTrainer, make_plans(), dataset, tmp_path / "out")
+    trainer.run_training(time_limit_s=0.0)
+    assert trainer.iteration == 1
+    assert load_checkpoint(tmp_path / "out" / LATEST)["iteration"] == 1
+    assert "stopped after iteration 1 of 9" in next((tmp_path / "out").glob("training_log_*.txt")).read_text()
