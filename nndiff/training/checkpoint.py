@@ -1,7 +1,6 @@
 """Checkpoint files: atomic writes, ``weights_only`` loading, compatibility checks, plans hash."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -87,7 +86,3 @@ def strip_compile_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     prefix = "_orig_mod."
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
-
-def clone_state(state: Any) -> Any:
-    """Deep copy of a state dict (tensors cloned), for comparing states in tests and callers."""
-    return copy.deepcopy(state)

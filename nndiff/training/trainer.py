@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
 import math
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -692,10 +691,3 @@ def per_sample(draw, generators: Sequence[torch.Generator] | None, batch_size: i
         raise ValueError(f"{len(generators)} generators for a batch of {batch_size}")
     return torch.cat([draw(1, g) for g in generators], dim=0)
 
-
-def iter_checkpoints(output_dir: Path) -> Iterator[Path]:
-    """Checkpoint files present in a fold folder (final, best, latest order)."""
-    for name in (ckpt.FINAL, ckpt.BEST, ckpt.LATEST):
-        path = Path(output_dir) / name
-        if path.is_file():
-            yield path
