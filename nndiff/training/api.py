@@ -44,6 +44,17 @@ def load_plans(preprocessed_dataset_dir: Path, plans_name: str = DEFAULT_PLANS) 
     return load_json(path)
 
 
+def raw_metadata(paths: Paths, dataset_name: str) -> dict | None:
+    """The raw dataset's ``metadata.json`` (case -> {key: value}) when the raw root is set and has it.
+
+    Optional: training from preprocessed data alone reads the copies in the preprocessed folder.
+    """
+    if paths.raw is None:
+        return None
+    path = paths.raw / dataset_name / "metadata.json"
+    return load_json(path) if path.is_file() else None
+
+
 def train_fold(dataset: str | int, configuration: str, fold: int | str, paths: Paths, *,
                trainer: str | type[Trainer], plans_name: str = DEFAULT_PLANS, epochs: int | None = None,
                iterations: int | None = None, continue_training: bool = False, device: str = "auto",
@@ -56,7 +67,7 @@ def train_fold(dataset: str | int, configuration: str, fold: int | str, paths: P
     trainer_class = get_trainer_class(trainer) if isinstance(trainer, str) else trainer
     instance = trainer_class(plans, configuration, parse_fold(fold), preprocessed_dir, paths.require("results"),
                              device=device, epochs=epochs, iterations=iterations, seed=seed,
-                             num_workers=num_workers)
+                             num_workers=num_workers, metadata=raw_metadata(paths, preprocessed_dir.name))
     instance.run_training(continue_training=continue_training, stop_after_iterations=stop_after_iterations,
                           time_limit_s=time_limit_s)
     return instance

@@ -225,7 +225,9 @@ def test_train_fold_api_finds_dataset_and_plans(dataset, tmp_path):
     from nndiff.training.api import find_preprocessed_dataset, train_fold
 
     (dataset / "nnDiffPlans.json").write_text(json.dumps(make_plans()))
-    paths = Paths(preprocessed=dataset.parent, results=tmp_path / "results")
+    (tmp_path / "raw" / dataset.name).mkdir(parents=True)
+    (tmp_path / "raw" / dataset.name / "metadata.json").write_text(json.dumps({"case_03": {"age": 61}}))
+    paths = Paths(raw=tmp_path / "raw", preprocessed=dataset.parent, results=tmp_path / "results")
     assert find_preprocessed_dataset(dataset.parent, "901") == dataset
     assert find_preprocessed_dataset(dataset.parent, "Dataset901") == dataset
     with pytest.raises(NnDiffError, match=r"no preprocessed dataset Dataset002_\*"):
@@ -233,6 +235,8 @@ def test_train_fold_api_finds_dataset_and_plans(dataset, tmp_path):
     trainer = train_fold(901, "2d", "0", paths, trainer=TinyTrainer, iterations=2, device="cpu", num_workers=0)
     assert (trainer.output_dir / FINAL).is_file() and trainer.fold == 0
     assert trainer.output_dir.parent.name == "TinyTrainer__nnDiffPlans__2d"
+    # metadata from the preprocessed folder and from the raw dataset's metadata.json
+    assert trainer.case_metadata["case_03"] == {"subject": "s1", "age": 61}
     with pytest.raises(NnDiffError, match="plans file .*nnDiffPlansX.json not found"):
         train_fold(901, "2d", 0, paths, trainer=TinyTrainer, plans_name="nnDiffPlansX")
 
