@@ -26,7 +26,8 @@ class _CaseTask:
     files: CaseFiles
     plans: dict
     configuration: str
-    out_dir: str
+    data_identifier: str
+    out_dir: str  # the temporary folder that becomes ``<preprocessed>/<data_identifier>``
 
 
 def _preprocess_one(task: _CaseTask) -> dict:
@@ -36,7 +37,7 @@ def _preprocess_one(task: _CaseTask) -> dict:
         raw.images, raw.properties, task.plans, task.configuration, label=raw.label,
         targets=raw.targets, target_properties=raw.target_properties, identifier=raw.identifier,
     )
-    case_json["data_identifier"] = Path(task.out_dir).name
+    case_json["data_identifier"] = task.data_identifier
     save_case(task.out_dir, raw.identifier, arrays, case_json)
     return case_json
 
@@ -96,7 +97,7 @@ def preprocess_dataset(
         out_dir = Path(preprocessed_dataset_dir) / identifier
         logger.info("preprocessing %d case(s) for %s into %s", len(files), configuration, out_dir)
         with atomic_directory(out_dir) as tmp:
-            tasks = [_CaseTask(f, plans, configuration, str(tmp)) for f in files]
+            tasks = [_CaseTask(f, plans, configuration, identifier, str(tmp)) for f in files]
             case_jsons = map_cases(_preprocess_one, tasks, num_processes, desc=f"preprocess {configuration}")
         written[identifier] = configuration
         if not fractions:
