@@ -377,6 +377,46 @@ def invert_case(
     return restored, properties
 
 
+def generated_case_json(plans: dict, configuration: str, shape: Sequence[int]) -> dict:
+    """Case JSON for a sample generated on the configuration's grid (no raw case behind it).
+
+    ``shape`` is the sample's spatial shape in the preprocessed (transposed) axis order. The
+    inverse then only un-normalizes with the plans' dataset-level parameters and transposes back:
+    no crop, no resampling; the geometry is the configuration's spacing, origin 0 and identity
+    direction. A 2D configuration gives 2D images (``Z = 1``, spacing 999 on the dummy axis).
+    """
+    config = resolve_config(plans, configuration)
+    forward, backward = transposes(plans)
+    shape = [int(n) for n in shape]
+    if len(shape) == 2:
+        shape = [1] + shape
+    spacing = [float(s) for s in config["spacing"]]
+    two_d = len(spacing) == 2 or int(config.get("spatial_dims", 3)) == 2
+    if two_d:
+        spacing = [999.0] + spacing[-2:]
+        if shape[0] != 1:
+            raise ValueError(f"a 2D configuration generates (1, Y, X) samples, got shape {shape}")
+        forward = backward = [0, 1, 2]  # a generated slice stays a (1, Y, X) image
+    raw_shape = [shape[b] for b in backward]
+    raw_spacing = [spacing[b] for b in backward]
+    dims = 2 if two_d else 3
+    schemes = [e.get("scheme") for e in (plans.get("normalization") or {}).get("images") or []]
+    properties = {
+        "spacing": raw_spacing, "origin": [0.0] * dims, "direction": np.eye(dims).ravel().tolist(),
+        "spatial_dims": dims, "shape": raw_shape, "num_channels": len(schemes),
+        "is_rgb": len(schemes) == 3 and all(s == str(norm.NormalizationScheme.RGB) for s in schemes),
+        "is_complex": False, "dtype": "float32", "files": [],
+    }
+    box = full_bbox(shape)
+    return {
+        "identifier": "generated", "configuration": configuration, "properties": properties,
+        "transpose_forward": forward, "transpose_backward": backward,
+        "shape_before_crop": shape, "bbox": box, "shape_after_crop": shape,
+        "spacing_before_resampling": spacing, "spacing_after_resampling": spacing,
+        "shape_after_resampling": shape, "crop_to_nonzero": False, "resampling": {},
+    }
+
+
 def clip_fractions(case_jsons: list[dict]) -> dict[str, dict[str, float]]:
     """Dataset clip fraction per channel (``{"images": {"0": f}, "targets": {...}}``) from case JSONs.
 

@@ -266,3 +266,19 @@ def test_missing_normalization_entry_is_a_plans_error():
     plans = make_plans([], configurations={"2d": config([1.0, 1.0], spatial_dims=2)})
     with pytest.raises(PlansError, match=r"normalization\.images.*channel"):
         preprocess_case(np.ones((1, 1, 4, 4), dtype=np.float32), properties_2d(shape=(4, 4)), plans, "2d")
+
+
+def test_generated_sample_maps_to_units_and_configuration_geometry():
+    plans = make_plans([norm_entry(0, "ct_window", clip_low=-1000.0, clip_high=1000.0)], transpose=[2, 0, 1],
+                       configurations={"3d": config([0.8, 3.0, 0.8]), "2d": config([0.8, 0.8], spatial_dims=2)})
+    from nndiff.preprocessing import generated_case_json
+
+    sample = np.zeros((1, 4, 6, 8), dtype=np.float32)
+    sample[0, 0, 0, 0] = 1.0
+    out, props = invert_case(sample, generated_case_json(plans, "3d", (4, 6, 8)), plans, "3d")
+    assert out.shape == (1, 6, 8, 4)  # transposed back to the raw axis order
+    assert props.spacing == (3.0, 0.8, 0.8) and props.origin == (0.0, 0.0, 0.0)
+    assert out[0, 0, 0, 0] == 1000.0 and np.count_nonzero(out) == 1  # 0 ↦ the window centre, 0 HU
+    slice_out, slice_props = invert_case(sample[:, :1], generated_case_json(plans, "2d", (6, 8)), plans, "2d")
+    assert slice_out.shape == (1, 1, 6, 8) and slice_props.spatial_dims == 2
+    assert slice_props.spacing == (999.0, 0.8, 0.8)
