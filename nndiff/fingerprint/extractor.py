@@ -165,12 +165,24 @@ def _names(mapping: dict | None, count: int, prefix: str) -> list[str]:
     return [str(mapping.get(str(i), mapping.get(i, f"{prefix}{i}"))) for i in range(count)]
 
 
-def _properties_per_channel(cases: list[CaseStats], role: str, which: str) -> dict[str, dict[str, float]]:
-    """``{"0": {mean, median, ...}, ...}`` merged over cases in identifier order."""
+def _properties_per_channel(cases: list[CaseStats], role: str, which: str,
+                            warnings: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """``{"0": {mean, median, ...}, ...}`` merged over cases in identifier order.
+
+    A channel without a single foreground voxel (e.g. every label map empty) gets its whole-image
+    statistics instead, with a warning, so the planner never reads NaN.
+    """
     count = len(getattr(cases[0], role)) if cases else 0
     out = {}
     for c in range(count):
         merged = merge_all([getattr(getattr(case, role)[c], which) for case in cases])
+        if merged.count == 0 and which == "foreground":
+            merged = merge_all([getattr(case, role)[c].whole for case in cases])
+            message = (f"{role} channel {c} has no foreground voxels in any case; its foreground "
+                       "statistics are those of the whole images")
+            logger.warning(message)
+            if warnings is not None:
+                warnings.append(message)
         out[str(c)] = merged.summary()
     return out
 
@@ -243,6 +255,9 @@ def assemble_fingerprint(
     is_rgb = any(c.is_rgb for c in cases) or (
         len(image_modalities) == 3 and all(m == Modality.MICROSCOPY_RGB for m in image_modalities))
     relative_sizes = [np.prod(c.shape_after_crop) / np.prod(c.shape_before_crop) for c in cases]
+    warnings: list[str] = []
+    foreground = _properties_per_channel(cases, "images", "foreground", warnings)
+    target_foreground = _properties_per_channel(cases, "targets", "foreground", warnings)
     voxels = sum(int(np.prod(c.shape_before_crop)) for c in cases)
     return {
         "dataset_name": dataset_name,
@@ -261,10 +276,10 @@ def assemble_fingerprint(
         "is_rgb": bool(is_rgb),
         "is_complex": any(c.is_complex for c in cases),
         "foreground_definition": foreground_definition,
-        "foreground_intensity_properties_per_channel": _properties_per_channel(cases, "images", "foreground"),
+        "foreground_intensity_properties_per_channel": foreground,
         "intensity_properties_per_channel": whole,
         "target_intensity_properties_per_channel": target_whole,
-        "target_foreground_intensity_properties_per_channel": _properties_per_channel(cases, "targets", "foreground"),
+        "target_foreground_intensity_properties_per_channel": target_foreground,
         "label_statistics": _label_statistics(cases, labels),
         "dataset_size": {
             "num_cases": len(cases),
@@ -272,7 +287,7 @@ def assemble_fingerprint(
             "bytes_float32": sum(int(np.prod(c.shape_before_crop)) * c.num_stored_channels * 4 for c in cases),
         },
         "sampling": {"seed": int(seed), "max_samples_per_case": None},
-        "warnings": _modality_warnings(channels, whole, target_whole),
+        "warnings": warnings + _modality_warnings(channels, whole, target_whole),
     }
 
 
@@ -306,4 +321,8 @@ def extract_fingerprint(dataset: Any, num_processes: int = 1, seed: int = 1234) 
         seed=seed,
     )
     fingerprint["sampling"]["max_samples_per_case"] = max_samples
+    logger.info("fingerprint of %s: %d case(s), %dD, median spacing %s, anisotropy %.3g, foreground %s, "
+                "%d warning(s)", fingerprint["dataset_name"], fingerprint["num_cases"],
+                fingerprint["spatial_dims"], fingerprint["median_spacing"], fingerprint["anisotropy"],
+                "label > 0" if use_labels else "nonzero", len(fingerprint["warnings"]))
     return fingerprint

@@ -187,3 +187,16 @@ def test_statistics_merge_equals_direct_computation():
     assert merged["std"] == pytest.approx(allv.std(), rel=1e-10)
     assert merged["median"] == pytest.approx(np.median(allv), rel=1e-6)
     assert (merged["min"], merged["max"]) == (allv.min(), allv.max())
+
+
+def test_empty_foreground_falls_back_to_whole_image_statistics_with_a_warning():
+    image = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
+    label = np.zeros((1, 1, 8, 8), dtype=np.uint8)
+    stats = analyze_case(image, properties_3d((999.0, 1.0, 1.0), (1, 8, 8)), label=label, identifier="x")
+    fp = assemble_fingerprint([stats], {"0": "grey"}, labels={"background": 0, "a": 1},
+                              foreground_definition=FOREGROUND_LABEL)
+    assert fp["foreground_intensity_properties_per_channel"]["0"] == fp["intensity_properties_per_channel"]["0"]
+    assert fp["foreground_intensity_properties_per_channel"]["0"]["max"] == 63.0
+    assert any("no foreground voxels" in w for w in fp["warnings"])
+    assert fp["label_statistics"]["background"]["voxel_fraction"] == 1.0
+    assert fp["label_statistics"]["a"]["num_cases_present"] == 0

@@ -190,14 +190,15 @@ def test_resampled_round_trip_is_within_interpolation_error_and_keeps_geometry()
     ~4e-4; a wrong grid or order would give > 1e-2); shape and geometry are the original ones."""
     shape = (16, 16, 16)
     volume = (1000.0 * gaussian_blob(shape, (3.0, 3.0, 3.0)))[None].astype(np.float32)
-    props = properties_3d((1.0, 1.0, 1.0), shape, origin=(-8.0, 2.0, 5.0))
+    direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    props = properties_3d((1.0, 1.0, 1.0), shape, origin=(-8.0, 2.0, 5.0), direction=direction)
     plans = make_plans([norm_entry(0, "dataset_percentile", clip_low=0.0, clip_high=1000.0)],
                        configurations={"fine": config([0.6, 0.6, 0.6], crop=False)})
     arrays, case_json = preprocess_case(volume, props, plans, "fine")
     assert list(arrays["data"].shape) == [1, 27, 27, 27]
     restored, restored_props = invert_case(arrays["data"], case_json, plans, "fine")
     assert restored.shape == volume.shape and restored_props.origin == props.origin
-    assert restored_props.spacing == props.spacing
+    assert restored_props.spacing == props.spacing and restored_props.direction == direction
     assert np.abs(restored - volume).max() < 5e-3 * 1000.0
 
 
