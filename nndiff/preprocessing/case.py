@@ -50,25 +50,11 @@ ROLE_OF_KIND = {"data": "images", "target": "targets"}
 
 
 def resolve_config(plans: dict, configuration: str) -> dict:
-    """The configuration with ``inherits_from`` applied (planning's resolver when available)."""
-    try:
-        from nndiff.planning import resolve_configuration
-    except ImportError:  # planning not importable: apply the chain here (child keys win)
-        resolve_configuration = None
-    if resolve_configuration is not None:
-        return resolve_configuration(plans, configuration)
-    configs = plans.get("configurations", {})
-    chain: list[dict] = []
-    name: str | None = configuration
-    while name is not None:
-        if name not in configs or any(c is configs[name] for c in chain):
-            raise PlansError(f"configuration {name!r} is unknown or inherits from itself")
-        chain.append(configs[name])
-        name = configs[name].get("inherits_from")
-    merged: dict = {}
-    for config in reversed(chain):
-        merged.update({k: v for k, v in config.items() if k != "inherits_from"})
-    return merged
+    """The configuration with its ``inherits_from`` chain applied (planning's resolver)."""
+    # imported here: the fingerprint uses this package's crop rule before any plans exist
+    from nndiff.planning import resolve_configuration
+
+    return resolve_configuration(plans, configuration)
 
 
 def transposes(plans: dict) -> tuple[list[int], list[int]]:
@@ -332,8 +318,7 @@ def _invert_intensities(array: np.ndarray, case_json: dict, layout: dict, settin
     if array.shape[0] != expected:
         raise ValueError(f"array has {array.shape[0]} channels; the stored layout has {expected}")
     work = _resample_back(np.asarray(array, dtype=np.float64), case_json, settings, is_seg=False)
-    work = work.astype(np.float64)
-    out = np.empty_like(work)
+    out = np.empty(work.shape, dtype=np.float64)
     for record in layout["normalization"]:
         for i in stored_channels(record["channel"], is_complex):
             out[i] = norm.denormalize(work[i], record, record.get("image_values"))
