@@ -14,6 +14,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+# diffusers 0.42 + numpy 2 emit a DeprecationWarning (np.array(tensor, copy=False)); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 from nndiff.diffusion import (  # noqa: E402
     DDIMSampler,
