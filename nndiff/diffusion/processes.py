@@ -23,6 +23,7 @@ modeling through stochastic differential equations" (VP / sub-VP / VE SDEs, Eqs.
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 
@@ -38,6 +39,7 @@ from nndiff.diffusion.schedules import (
 )
 
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 
 
 class DiffusionProcess(ABC):
@@ -173,6 +175,12 @@ class _DiscreteProcess(DiffusionProcess):
             span = int(self._index(t_start)) + 1
             if span < 1:
                 raise ValueError("t_start must be a noisy time (>= 0)")
+            # A warm start at t0 has only t0 + 1 integer times below it: a plan asking for more steps
+            # (e.g. DDPM with all 1000) means "every timestep", so use them all.
+            limit = span if include_zero or spacing is TimestepSpacing.TRAILING else span - 1
+            if num_steps > limit:
+                logger.debug("warm start at t=%d: %d steps requested, using all %d", span - 1, num_steps, limit)
+                num_steps = limit
         if not include_zero and spacing is not TimestepSpacing.TRAILING:
             if num_steps + 1 > span:
                 raise ValueError(f"num_steps must be <= {span - 1} for this grid, got {num_steps}")

@@ -128,6 +128,9 @@ def test_start_at_leading_spacing_starts_exactly_at_t0():
     sampler = DDIMSampler(proc, timestep_spacing="leading")
     ts = sampler.set_timesteps(10, t_start=437)
     assert int(ts[0]) == 437 and len(ts) == 10 and torch.all(ts[1:] < ts[:-1])
+    # more steps than integer times below t0 (a DDPM plan with all 1000 steps): every timestep is used
+    ts = DDPMSampler(proc, num_steps=1000).set_timesteps(t_start=250)
+    assert ts.tolist() == list(range(250, -1, -1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,14 +33,11 @@ class DPMSolverPP2MSampler(Sampler):
     order = 2
     grid_includes_zero = False
     sde = False
+    stochastic = False
 
     def _reset_state(self):
         self._prev_x0: torch.Tensor | None = None
         self._prev_lambda: float | None = None
-
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        return self.sde
 
     def _step(self, i, phase, model_output, x, generator, noise, x0_hook):
         pred = self.predict(model_output, x, i, x0_hook)
@@ -75,3 +72,4 @@ class DPMSolverPP2MSDESampler(DPMSolverPP2MSampler):
     name = SamplerName.DPM_SOLVER_PP_2M_SDE
     order = 1
     sde = True
+    stochastic = True
