@@ -64,9 +64,11 @@ class SimplexNoise:
         lacunarity: spatial-frequency ratio between consecutive octaves (AnoDDPM: 2).
         spacing: optional relative voxel size per spatial axis (array order, e.g. ``(3, 1, 1)`` for
             3 mm slices with 1 mm pixels) so that blobs are round in physical space; default isotropic.
-        planar_2d: for 2D images sample a plane of 3D noise (default, as AnoDDPM does because 2D
-            OpenSimplex shows grid artefacts); ``False`` uses 2D OpenSimplex.
-        max_chunk_points: points evaluated at once (memory bound; see :func:`fractal_simplex`).
+        planar_2d: for 2D images sample a plane of 3D noise at a random depth (default; AnoDDPM's
+            code does this too); ``False`` uses 2D OpenSimplex, about 3x faster, with slightly more
+            elongated features.
+        max_chunk_points: (voxel, octave) points evaluated at once; default by device (see
+            :func:`~nndiff.diffusion.simplex.fractal_simplex`). Bounds memory, never changes values.
     """
 
     def __init__(
@@ -77,7 +79,7 @@ class SimplexNoise:
         lacunarity: float = 2.0,
         spacing: Sequence[float] | None = None,
         planar_2d: bool = True,
-        max_chunk_points: int = 1 << 16,
+        max_chunk_points: int | None = None,
     ):
         if isinstance(octaves, bool) or not isinstance(octaves, int) or octaves < 1:
             raise ValueError(f"simplex noise octaves must be an integer >= 1, got {octaves!r}")
@@ -88,15 +90,15 @@ class SimplexNoise:
             spacing = tuple(float(s) for s in spacing)
             if not spacing or any(not math.isfinite(s) or s <= 0 for s in spacing):
                 raise ValueError(f"simplex noise spacing must be positive numbers, got {spacing!r}")
-        if max_chunk_points < 1:
-            raise ValueError(f"max_chunk_points must be >= 1, got {max_chunk_points!r}")
+        if max_chunk_points is not None and (not isinstance(max_chunk_points, int) or max_chunk_points < 1):
+            raise ValueError(f"simplex noise max_chunk_points must be None or an integer >= 1, got {max_chunk_points!r}")
         self.octaves = octaves
         self.persistence = float(persistence)
         self.frequency = float(frequency)
         self.lacunarity = float(lacunarity)
         self.spacing = spacing
         self.planar_2d = bool(planar_2d)
-        self.max_chunk_points = int(max_chunk_points)
+        self.max_chunk_points = max_chunk_points
 
     @property
     def config(self) -> dict[str, Any]:
@@ -156,8 +158,8 @@ class SimplexNoise:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         shape = _check_shape(shape)
-        if device is None:
-            device = generator.device if generator is not None else torch.device("cpu")
+        if device is None:  # as GaussianNoise: the generator's device, else torch's default device
+            device = generator.device if generator is not None else torch.empty(0).device
         batch, channels, spatial = shape[0], shape[1], shape[2:]
         if self.spacing is not None and len(self.spacing) != len(spatial):
             raise ValueError(
