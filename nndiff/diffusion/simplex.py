@@ -55,8 +55,10 @@ GRADIENTS_3D: tuple[tuple[int, int, int], ...] = tuple(
 )
 
 TABLE_SIZE = 256
-# A vertex offset far outside every kernel: fills unused slots so that they add exactly zero.
-_UNUSED = (4, 4, 4)
+# Fills the two unused slots of the tetrahedral cases: (2,2,2) (mirror (-1,-1,-1)) is more than
+# 5 units from every point of its tetrahedron, outside the kernel (radius sqrt 2), so it adds
+# exactly zero; it stays within [-1, 2] like every other offset, which the padded tables need.
+_UNUSED = (2, 2, 2)
 
 # opensimplex's seeding: a 64-bit linear congruential generator driving a Fisher-Yates shuffle.
 _LCG_MULTIPLIER = 6364136223846793005

@@ -293,3 +293,23 @@ def test_noise_sources_follow_the_protocol():
     # GaussianNoise is unchanged: torch.randn from the same generator.
     expected = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(GaussianNoise()(shape, generator=torch.Generator().manual_seed(0)), expected)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_extreme_tables_stay_inside_the_lookup_tables(dims):
+    # Identity and reversed permutations put hash values 0 and 255 next to lattice coordinates
+    # 0 and 255, the ends of the padded lookup blocks; every vertex must still read its own block.
+    perm = torch.stack([torch.arange(256), torch.arange(255, -1, -1)])
+    axis = torch.arange(-24, 24, dtype=torch.float64) / 3.0 + 256.0 * torch.tensor([[0.0], [1.0]])
+    grids = torch.meshgrid(*([torch.arange(48)] * dims), indexing="ij")
+    coords = [axis[:, g.reshape(-1)] for g in grids]  # (2, 48**dims) per axis
+    evaluate = opensimplex2 if dims == 2 else opensimplex3
+    both = evaluate(*coords, perm)
+    for row in range(2):
+        assert torch.equal(both[row], evaluate(*(c[row] for c in coords), perm[row]))
+    assert both.abs().max().item() <= 1.0
+
+
+def test_case_tables_use_offsets_the_padded_tables_cover():
+    for table in (simplex.CASE_OFFSETS_2D, simplex.CASE_OFFSETS_3D):
+        assert table.min().item() >= -1 and table.max().item() <= 2
