@@ -324,9 +324,9 @@ class _Slot:
     """One vertex slot of a case table, as per-case lookup vectors: integer offset and unskewed offset per axis."""
 
     def __init__(self, offsets: torch.Tensor, squish: float, device: torch.device, dtype: torch.dtype):
-        shift = offsets.sum(dim=1, keepdim=True).double() * squish
-        self.lattice = [offsets[:, a].to(device=device, dtype=torch.int32) for a in range(offsets.shape[1])]
-        self.unskewed = [(offsets[:, a : a + 1] + shift)[:, 0].to(device=device, dtype=dtype) for a in range(offsets.shape[1])]
+        unskewed = offsets.double() + offsets.sum(dim=1, keepdim=True).double() * squish
+        self.lattice = [column.to(device=device, dtype=torch.int32) for column in offsets.T]
+        self.unskewed = [column.to(device=device, dtype=dtype) for column in unskewed.T]
 
 
 @functools.lru_cache(maxsize=16)
@@ -380,7 +380,9 @@ def _evaluate(position: Sequence[torch.Tensor], table_index: torch.Tensor, table
     return value / norm
 
 
-def _flatten_rows(coordinates: Sequence[torch.Tensor], count: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Size]:
+def _flatten_rows(
+    coordinates: Sequence[torch.Tensor], count: int
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Size]:
     """Broadcast coordinates to one shape and flatten; row ``s`` of the leading axis uses table ``s``."""
     shape = torch.broadcast_shapes(*(c.shape for c in coordinates))
     if count > 1 and (len(shape) == 0 or shape[0] != count):
@@ -489,7 +491,7 @@ def fractal_simplex(
     if len(spacing) != len(spatial_shape):
         raise ValueError(f"spacing needs one value per spatial axis {spatial_shape}, got {spacing}")
 
-    grid = _OctaveGrid(spatial_shape, spacing, offsets, scales, amplitudes, dtype)
+    grid = _OctaveGrid(spatial_shape, spacing, offsets.to(device), scales, amplitudes, dtype)
     tables = _Tables(perm, noise_dims, dtype)
     voxels = count * grid.points_per_field
     # Whole voxels per chunk, all octaves of a voxel together: the octave sum is a plain reduction.

@@ -122,13 +122,15 @@ def test_octave_scales_and_amplitudes_follow_anoddpm():
 def manual_octave_sum(spatial, perm, offsets, scales, amplitudes, spacing):
     """The documented definition, written out with the single-octave functions."""
     spacing = spacing or [1.0] * len(spatial)
-    index = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * s for n, s in zip(spatial, spacing)], indexing="ij")
-    grid_xyz = list(reversed(index))  # noise x is the last array axis
+    axes = [torch.arange(n, dtype=torch.float64) * s for n, s in zip(spatial, spacing)]
+    grid_xyz = list(reversed(torch.meshgrid(*axes, indexing="ij")))  # noise x is the last array axis
     total = torch.zeros((perm.shape[0], *spatial), dtype=torch.float64)
     for row in range(perm.shape[0]):
         for k, (scale, amplitude) in enumerate(zip(scales, amplitudes)):
+            # A 2D grid in 3D noise: the plane z = offset_z.
             coords = [
-                grid_xyz[a] * scale + offsets[row, k, a] if a < len(grid_xyz) else torch.full(spatial, offsets[row, k, a].item(), dtype=torch.float64)
+                grid_xyz[a] * scale + offsets[row, k, a] if a < len(grid_xyz)
+                else torch.full(spatial, offsets[row, k, a].item(), dtype=torch.float64)
                 for a in range(offsets.shape[2])
             ]
             evaluate = opensimplex2 if len(coords) == 2 else opensimplex3
