@@ -123,7 +123,7 @@ def test_translation_conditions_on_the_images_and_produces_the_targets():
     assert all(not e["produced"] for e in plan["normalization"]["images"])
     target = plan["normalization"]["targets"][0]
     assert target["produced"] and target["scheme"] == "ct_window"
-    assert target["params"] == {"clip_low": -950.0, "clip_high": 1600.0}
+    assert target["params"] == {"clip_low": -1024.0, "clip_high": 1600.0}
     assert plan["configurations"]["3d_fullres"]["diffusion"]["sampler"] == "ddim"
 
 

@@ -8,6 +8,7 @@ import re
 import pytest
 from planning_fixtures import (
     CT_FG,
+    CT_WHOLE,
     MR_FG,
     ct_fingerprint,
     dataset_json,
@@ -172,15 +173,16 @@ def test_ct_and_mr_normalization_differ(plans):
     ct = plans[("ct", 8.0)]["normalization"]["images"][0]
     mr = plans[("mr", 8.0)]["normalization"]["images"][0]
     assert ct["scheme"] == "ct_window" and ct["produced"] is True
-    assert ct["params"] == {"clip_low": CT_FG["percentile_00_5"], "clip_high": CT_FG["percentile_99_5"]}
-    assert "[-950, 1600] HU" in ct["reason"]
+    # union of foreground and whole-image ranges: the air (whole-image p0.5) stays inside the window
+    assert ct["params"] == {"clip_low": CT_WHOLE["percentile_00_5"], "clip_high": CT_FG["percentile_99_5"]}
+    assert "[-1024, 1600] HU" in ct["reason"] and "[-950, 1600]" in ct["reason"]
     assert mr["scheme"] == "dataset_percentile"
     # union of whole-image [0, 1500] and foreground [50, 1800] percentile ranges
     assert mr["params"] == {"clip_low": 0.0, "clip_high": MR_FG["percentile_99_5"]}
     assert "[0, 1800]" in mr["reason"] and "whole-image and foreground" in mr["reason"]
     # [0, 1800] contains the whole-image 0.5-99.5 % range and starts at the minimum → ≤ 0.5 %
     assert mr["clip_fraction_upper_bound"] == pytest.approx(0.005)
-    assert ct["clip_fraction_upper_bound"] is None  # [-950, ...] cuts into the whole-image lower tail
+    assert ct["clip_fraction_upper_bound"] == pytest.approx(0.005)  # widened window: only the tails
     for entry in (ct, mr):
         assert entry["clip_fraction"] is None  # measured by preprocessing
 
