@@ -20,6 +20,7 @@ from nndiff.utils.files import load_json, save_json
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
+METADATA_FILE = "metadata.json"
 DEFAULT_PLANS = "nnDiffPlans"
 
 
@@ -104,6 +105,9 @@ def extract_fingerprint_step(
     fingerprint["source_signature"] = signature
     location.preprocessed_dir.mkdir(parents=True, exist_ok=True)
     save_json(dataset.json, location.preprocessed_dir / "dataset.json")
+    # Training reads subjects (grouped splits) and conditions from here, without the raw root.
+    if dataset.metadata:
+        save_json(dataset.metadata, location.preprocessed_dir / METADATA_FILE)
     save_json(fingerprint, location.fingerprint_file)
     logger.info("wrote %s", location.fingerprint_file)
     return fingerprint

@@ -101,7 +101,16 @@ def test_anisotropic_ct_keeps_low_resolution_axis_first(planned):
 
 def test_clip_fraction_recorded_in_plan(planned):
     for entry in planned["3d_ct"][1]["normalization"]["images"]:
-        assert 0.0 <= entry["clip_fraction"] <= 1.0
+        # the window must keep the air the model has to produce: only the percentile tails clip
+        assert 0.0 <= entry["clip_fraction"] < 0.02
+
+
+def test_metadata_copied_for_training_without_raw_root(planned):
+    """The Trainer reads metadata.json from the preprocessed folder (grouped splits by subject)."""
+    pre = planned["2d_grey_png"][0]
+    copied = json.loads((pre / "metadata.json").read_text())
+    raw = json.loads((pre.parents[1] / "raw" / pre.name / "metadata.json").read_text())
+    assert copied == raw and all("subject" in v for v in copied.values())
 
 
 def test_fingerprint_rerun_is_reused_and_clean_recomputes(tmp_path):
