@@ -20,7 +20,6 @@ setup(
         "scipy>=1.10",
         "SimpleITK>=2.2",
         "batchgenerators>=0.25",
-        "scikit-learn>=1.2",
         "tqdm>=4.60",
         "matplotlib>=3.6",
     ],
