@@ -220,6 +220,8 @@ def test_console_script_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Dataset015" in result.stdout
+    # the explanation is printed after preprocessing, so it shows the measured clip fraction
+    assert "clip_fraction None" not in result.stdout and "clip_fraction 0" in result.stdout
 
 
 def test_demo_smoke(tmp_path, capsys):

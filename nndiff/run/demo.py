@@ -42,6 +42,7 @@ def run_demo(output: Path, smoke: bool = False, gpu_memory_target_gib: float = 8
     from nndiff.dataset.examples import make_example_dataset
     from nndiff.paths import resolve_paths
     from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
+    from nndiff.utils.files import load_json
 
     raw, pre = output / "raw", output / "preprocessed"
     for folder in (raw, pre):
@@ -54,8 +55,9 @@ def run_demo(output: Path, smoke: bool = False, gpu_memory_target_gib: float = 8
         make_example_dataset(kind, raw, dataset_id, num_cases=num_cases, seed=dataset_id)
         location = locate_dataset(dataset_id, paths)
         extract_fingerprint_step(location, num_processes=1, verify_dataset_integrity=True)
-        all_plans[location.name] = plan_step(location, gpu_memory_target_gib)
+        plan_step(location, gpu_memory_target_gib)
         preprocess_step(location)
+        all_plans[location.name] = load_json(location.plans_file())  # with measured clip fractions
     return all_plans
 
 

@@ -21,6 +21,7 @@ from nndiff.run.common import (
     paths_from_args,
     run_cli,
 )
+from nndiff.utils.files import load_json
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +197,14 @@ def _plan_and_preprocess_body(argv: Sequence[str] | None) -> None:
     for location in locations:
         extract_fingerprint_step(location, args.np, args.verify_dataset_integrity, args.clean)
         plans = plan_step(location, args.gpu_memory_target, args.plans_name)
-        if args.explain:
-            _print_explanation(plans)
         if args.no_pp:
             print(f"{location.name}: planned (no preprocessing) in {location.plans_file(args.plans_name)}")
-            continue
-        done = preprocess_step(location, args.c, args.np, args.plans_name)
-        print(f"{location.name}: planned and preprocessed {', '.join(done)} in {location.preprocessed_dir}")
+        else:
+            done = preprocess_step(location, args.c, args.np, args.plans_name)
+            print(f"{location.name}: planned and preprocessed {', '.join(done)} in {location.preprocessed_dir}")
+            plans = load_json(location.plans_file(args.plans_name))  # now with measured clip fractions
+        if args.explain:
+            _print_explanation(plans)
 
 
 def plan_and_preprocess_entry(argv: Sequence[str] | None = None) -> int:
