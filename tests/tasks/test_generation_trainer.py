@@ -198,3 +198,30 @@ def test_sample_images_conditional_guidance(datasets):
     sample_images(spy, config, 3, generator=torch.Generator().manual_seed(0), device="cpu", class_labels=labels,
                   continuous=torch.zeros(3, 1), guidance_scale=1.0, num_steps=2)
     assert all(c["class_labels"] is not None for c in spy.calls)  # scale 1: conditional model only
+
+
+def test_resume_is_exact_with_dropout_and_importance_sampling(datasets, tmp_path):
+    """Stop after 3 of 4 iterations and --continue == uninterrupted (family state included)."""
+    paths = datasets["cond"]
+    pre = _preprocessed_dir(paths)
+    plans = load_plans(pre)
+    plans["configurations"][TINY]["diffusion"]["importance_sampling"] = True
+    plans["configurations"][TINY]["training"]["progress_every_epochs"] = 100  # plots are not under test here
+
+    def run(out: Path, **kwargs) -> GenerationTrainer:
+        trainer = GenerationTrainer(plans, TINY, 0, pre, output_dir=out, device="cpu", num_workers=0, seed=5)
+        trainer.run_training(**kwargs)
+        return trainer
+
+    run(tmp_path / "a")
+    run(tmp_path / "b", stop_after_iterations=3)
+    resumed = run(tmp_path / "b", continue_training=True)
+    assert resumed.time_sampler is not None and int(resumed.time_sampler._counts.sum()) == 4 * resumed.batch_size
+    a = load_checkpoint(tmp_path / "a" / "checkpoint_final.pth")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint_final.pth")
+    for key in ("network_weights", "ema_weights"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert torch.equal(a["extra"]["time_sampler"]["losses"], b["extra"]["time_sampler"]["losses"])
+    assert a["extra"]["conditions"] == b["extra"]["conditions"]
+    assert a["extra"]["conditions"]["categorical"] == [["shape", ["disk", "square"]]]
