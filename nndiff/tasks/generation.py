@@ -135,6 +135,14 @@ class ConditionEncoder:
         return cls([(str(n), list(v)) for n, v in state.get("categorical", [])],
                    [(str(n), float(m), float(s)) for n, m, s in state.get("continuous", [])])
 
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> "ConditionEncoder":
+        """The encoding a :class:`GenerationTrainer` stored in a checkpoint (``extra.conditions``).
+
+        The predictor uses it so that labels and standardised metadata mean what they meant in training.
+        """
+        return cls.from_dict(state.get("extra", {}).get("conditions", {}))
+
     def check_network(self, network_block: Mapping[str, Any]) -> None:
         """Refuse a plan whose network conditioning does not match the dataset's conditions."""
         planned = (network_block.get("num_classes"), int(network_block.get("num_continuous_conditions") or 0))
@@ -209,6 +217,10 @@ def sample_images(network: nn.Module, plans_config: Mapping[str, Any], num_sampl
     diffusion = DiffusionConfig.from_dict(plans_config.get("diffusion", {}))
     in_channels = int(plans_config["network"]["in_channels"])
     shape = tuple(int(s) for s in (spatial_shape or plans_config["patch_size"]))
+    divisor = tuple(getattr(network, "shape_divisor", (1,) * len(shape)))
+    if any(size % d for size, d in zip(shape, divisor)):
+        raise ValueError(f"spatial_shape {list(shape)} is not divisible by the network's strides {list(divisor)} "
+                         "per axis; pad or crop to a multiple")
     conditioned = class_labels is not None or continuous is not None
     for name, value in (("class_labels", class_labels), ("continuous", continuous)):
         if value is not None and value.shape[0] != num_samples:

@@ -179,6 +179,8 @@ def test_sample_images_shapes(datasets, which, parent, shape):
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= -1 and a.max() <= 1  # the plan's clip_x0 range
     assert network.training  # mode restored
+    with pytest.raises(ValueError, match="divisible"):
+        sample_images(network, config, 1, generator=None, device="cpu", spatial_shape=[s + 1 for s in shape[2:]])
 
 
 def test_sample_images_conditional_guidance(datasets):
@@ -225,3 +227,4 @@ def test_resume_is_exact_with_dropout_and_importance_sampling(datasets, tmp_path
     assert torch.equal(a["extra"]["time_sampler"]["losses"], b["extra"]["time_sampler"]["losses"])
     assert a["extra"]["conditions"] == b["extra"]["conditions"]
     assert a["extra"]["conditions"]["categorical"] == [["shape", ["disk", "square"]]]
+    assert ConditionEncoder.from_checkpoint(a) == resumed.conditions
