@@ -1,0 +1,538 @@
+"""Convert the MNI152 T1 template shipped inside ``nilearn`` into an nnDiff raw dataset.
+
+The template (ICBM 2009a nonlinear symmetric, skull-stripped, 1 mm, 197x233x189) and its grey
+and white matter probability maps are package files of nilearn: loading them needs no network.
+This gives the demo and the tests a real, averaged brain MRI without any download.
+
+Modes:
+
+* ``2d_slices``: every slice along ``axis`` that holds enough brain is one case (a 2D image);
+  metadata.json gives each slice a ``subject`` = the id of its slab of neighbouring slices, so
+  cross-validation never splits near-duplicate neighbours across train and validation.
+* ``3d``: every training slab is one 3D case (a sub-volume of consecutive slices).
+
+Held-out split (both modes): one contiguous slab of slices goes to ``imagesTs/``. Adjacent slices
+are near duplicates, so ``gap`` slices on each side of the held-out slab are written nowhere;
+every training slice is at least ``gap + 1`` slices away from every held-out slice (a distance of
+more than ``gap``). The exact slice indices of each part are written to
+``mni152_conversion.json`` in the dataset folder.
+
+Intensities are the template's original 8-bit scale (0..255): nilearn rescales the template to
+0..1 and we undo that. Geometry (spacing, origin, direction) is the template's, converted from
+NIfTI/RAS to SimpleITK/LPS conventions (documentation/architecture.md).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from nndiff.dataset.io import ImageProperties, write_image
+from nndiff.dataset.raw_dataset import DATASET_FOLDER, parse_dataset_folder_name
+from nndiff.diffusion.options import TaskFamily, parse_option
+from nndiff.errors import NnDiffError
+from nndiff.utils.files import atomic_directory, save_json
+
+logger = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("2d_slices", "3d")
+#: Slicing axis name -> axis index in the (Z, Y, X) array (SimpleITK array order).
+AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
+RESOLUTIONS: tuple[int, ...] = (1, 2)
+#: Task families this converter can write (the others need data the template does not have).
+SUPPORTED_TASKS: tuple[TaskFamily, ...] = (TaskFamily.GENERATION, TaskFamily.SEGMENTATION)
+FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".png")
+#: Tissue classes of the segmentation mode (label value -> name in dataset.json order).
+TISSUE_LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
+#: The template file stores 8-bit values; nilearn divides them by their maximum (255).
+TEMPLATE_MAX_VALUE = 255.0
+#: Fewest slabs (subjects) we aim for, so 5-fold cross-validation grouped by subject works.
+MIN_SLABS = 5
+CONVERSION_RECORD = "mni152_conversion.json"
+# NIfTI stores RAS world coordinates, ITK/SimpleITK LPS: x and y change sign.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Mni152Volumes:
+    """The template and its tissue maps as ``(Z, Y, X)`` arrays on one grid.
+
+    ``t1`` is in the template's 8-bit units (0..255), ``gm``/``wm`` are probabilities (0..1),
+    ``brain`` is nilearn's brain mask (bool). ``properties`` is the 3D geometry (SimpleITK order).
+    """
+
+    t1: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    brain: np.ndarray
+    properties: ImageProperties
+    sources: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SliceSplit:
+    """Slice indices (along the slicing axis) of each part of the dataset.
+
+    ``train_slabs`` lists the training slices grouped into slabs (one subject each); ``gap`` holds
+    the slices dropped between training and held-out; ``skipped`` the slices with too little brain.
+    """
+
+    axis: str
+    train_slabs: list[list[int]]
+    heldout: list[int]
+    gap: list[int]
+    skipped: list[int]
+
+    @property
+    def train(self) -> list[int]:
+        """All training slice indices, ascending."""
+        return sorted(i for slab in self.train_slabs for i in slab)
+
+    def min_distance(self) -> int | None:
+        """Smallest |train - heldout| slice distance (None without held-out slices)."""
+        if not self.heldout or not self.train:
+            return None
+        train = np.asarray(self.train)[:, None]
+        return int(np.min(np.abs(train - np.asarray(self.heldout)[None, :])))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON description written to ``mni152_conversion.json``."""
+        return {
+            "axis": self.axis,
+            "train_slabs": self.train_slabs,
+            "heldout": self.heldout,
+            "gap": self.gap,
+            "skipped_little_brain": self.skipped,
+            "min_train_heldout_distance": self.min_distance(),
+        }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _nilearn() -> Any:
+    """Import nilearn's dataset module (the ``demo`` extra); a clear error when it is missing."""
+    try:
+        from nilearn import datasets  # lazy: heavy import (pandas, scikit-learn)
+    except ImportError as e:
+        raise NnDiffError(
+            "the MNI152 conversion needs nilearn, which ships the template. Fix: pip install nilearn "
+            "(or pip install nndiff[demo])"
+        ) from e
+    return datasets
+
+
+def nifti_geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """NIfTI affine (RAS, voxel order i, j, k) -> (spacing z,y,x; origin LPS x,y,z; direction row-major).
+
+    The array transposed to (k, j, i) is SimpleITK's (Z, Y, X); this is what SimpleITK itself
+    reports when it reads the same NIfTI file.
+    """
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing_ijk = np.linalg.norm(linear, axis=0)
+    direction = _RAS_TO_LPS @ (linear / spacing_ijk[None, :])
+    origin = _RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3, 3]
+    return (tuple(float(v) for v in spacing_ijk[::-1]), tuple(float(v) for v in origin),
+            tuple(float(v) for v in direction.ravel()))
+
+
+def _to_zyx(img: Any) -> np.ndarray:
+    """nibabel image (i, j, k) -> float32 array (Z, Y, X) = (k, j, i)."""
+    return np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0))
+
+
+@functools.lru_cache(maxsize=2)
+def load_mni152(resolution: int = 1) -> Mni152Volumes:
+    """Load the template, GM/WM maps and brain mask at ``resolution`` mm from nilearn's package files.
+
+    Cached (nilearn resamples on every call, about a second at 2 mm); the arrays are read-only so
+    that no caller can change what the next one gets.
+    """
+    if resolution not in RESOLUTIONS:
+        raise NnDiffError(f"resolution {resolution!r} is not supported; use one of {list(RESOLUTIONS)} (mm)")
+    datasets = _nilearn()
+    t1_img = datasets.load_mni152_template(resolution=resolution)
+    gm_img = datasets.load_mni152_gm_template(resolution=resolution)
+    wm_img = datasets.load_mni152_wm_template(resolution=resolution)
+    mask_img = datasets.load_mni152_brain_mask(resolution=resolution)
+    spacing, origin, direction = nifti_geometry(t1_img.affine)
+    t1 = _to_zyx(t1_img) * np.float32(TEMPLATE_MAX_VALUE)
+    properties = ImageProperties(spacing=spacing, origin=origin, direction=direction,  # type: ignore[arg-type]
+                                 spatial_dims=3, shape=tuple(int(v) for v in t1.shape))  # type: ignore[arg-type]
+    arrays = {
+        "t1": np.clip(t1, 0.0, TEMPLATE_MAX_VALUE),  # resampling overshoot would leave tiny negatives
+        "gm": np.clip(_to_zyx(gm_img), 0.0, 1.0),
+        "wm": np.clip(_to_zyx(wm_img), 0.0, 1.0),
+        "brain": _to_zyx(mask_img) > 0.5,
+    }
+    for array in arrays.values():
+        array.setflags(write=False)
+    return Mni152Volumes(**arrays, properties=properties, sources=template_source_files())
+
+
+def template_source_files() -> dict[str, str]:
+    """Paths of the template files inside the installed nilearn package (proof: no download)."""
+    from nilearn.datasets import struct  # noqa: PLC0415  (lazy, see _nilearn)
+
+    _nilearn()
+    return {"t1": str(struct.MNI152_FILE_PATH), "gm": str(struct.GM_MNI152_FILE_PATH),
+            "wm": str(struct.WM_MNI152_FILE_PATH)}
+
+
+# --------------------------------------------------------------------------- tissue labels
+
+
+def tissue_label_map(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Hard tissue labels: 0 outside the brain mask; inside it the most probable of CSF, GM, WM.
+
+    CSF probability = 1 - GM - WM (clipped to 0..1): inside the skull-stripped brain what is
+    neither grey nor white matter is cerebrospinal fluid.
+    """
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    most_probable = np.argmax(np.stack([csf, gm, wm]), axis=0).astype(np.uint8) + 1
+    return np.where(brain, most_probable, 0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- slice split
+
+
+def brain_fraction_per_slice(brain: np.ndarray, axis: int) -> np.ndarray:
+    """Fraction of each slice (along ``axis``) inside the brain mask."""
+    other = tuple(a for a in range(brain.ndim) if a != axis)
+    return brain.mean(axis=other)
+
+
+def _kept_range(fraction: np.ndarray, min_brain_fraction: float) -> tuple[int, int]:
+    """First and last slice whose brain area is at least ``min_brain_fraction`` of the largest.
+
+    Relative to the largest slice so the rule does not depend on how much empty field of view
+    surrounds the head. The brain is one connected body, so the kept slices are contiguous.
+    """
+    keep = np.flatnonzero(fraction >= min_brain_fraction * float(fraction.max()))
+    return int(keep[0]), int(keep[-1])
+
+
+def _chunks(indices: list[int], slab_size: int) -> list[list[int]]:
+    """Split a contiguous run into nearly equal slabs of at most ``slab_size`` slices."""
+    if not indices:
+        return []
+    n = math.ceil(len(indices) / slab_size)
+    return [part.tolist() for part in np.array_split(np.asarray(indices), n)]
+
+
+def _slab_size(num_train: int, gap: int, slab_size: int | None) -> int:
+    """Explicit ``slab_size``, else ``gap`` slices, reduced until there are ``MIN_SLABS`` slabs."""
+    if slab_size is not None:
+        if slab_size < 1:
+            raise NnDiffError(f"slab_size must be at least 1, got {slab_size}")
+        return slab_size
+    size = max(1, gap)
+    if num_train >= MIN_SLABS:
+        # ceil division: the two runs around a centred held-out slab may add one slab each.
+        size = min(size, max(1, num_train // MIN_SLABS))
+    return size
+
+
+def plan_slice_split(brain: np.ndarray, axis: str = "axial", gap: int = 10, heldout_fraction: float = 0.2,
+                     min_brain_fraction: float = 0.1, heldout_position: str = "center",
+                     slab_size: int | None = None) -> SliceSplit:
+    """Decide which slices are training, held-out, gap and skipped.
+
+    Slices with less brain than ``min_brain_fraction`` of the largest slice's brain area are
+    skipped. Of the rest, ``round(heldout_fraction * n)`` contiguous slices are held out, in the
+    middle of the brain (``heldout_position="center"``: the most representative anatomy; costs two
+    gaps) or at its upper end along the axis (``"end"``: one gap). ``gap`` slices on each side of
+    the held-out slab are dropped. Training slices are cut into slabs of ``slab_size`` slices
+    (default ``gap``, smaller when that would give fewer than ``MIN_SLABS`` slabs).
+    """
+    axis_index = AXES[parse_axis(axis)]
+    if gap < 0:
+        raise NnDiffError(f"gap must be >= 0 slices, got {gap}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise NnDiffError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if heldout_position not in ("center", "end"):
+        raise NnDiffError(f"heldout_position must be 'center' or 'end', got {heldout_position!r}")
+    fraction = brain_fraction_per_slice(brain, axis_index)
+    lo, hi = _kept_range(fraction, min_brain_fraction)
+    kept = list(range(lo, hi + 1))
+    skipped = [i for i in range(len(fraction)) if i < lo or i > hi]
+    num_heldout = int(round(heldout_fraction * len(kept))) if heldout_fraction > 0 else 0
+    if heldout_fraction > 0:
+        num_heldout = max(1, num_heldout)
+    start = lo + (len(kept) - num_heldout) // 2 if heldout_position == "center" else hi + 1 - num_heldout
+    heldout = list(range(start, start + num_heldout))
+    gap_slices: list[int] = []
+    if heldout:
+        gap_slices = [i for i in kept if 0 < heldout[0] - i <= gap or 0 < i - heldout[-1] <= gap]
+    excluded = set(heldout) | set(gap_slices)
+    below = [i for i in kept if i < start and i not in excluded]
+    above = [i for i in kept if i >= start + num_heldout and i not in excluded]
+    num_train = len(below) + len(above)
+    if num_train == 0:
+        raise NnDiffError(
+            f"no training slices left: {len(kept)} slices hold brain, {num_heldout} are held out and "
+            f"{len(gap_slices)} form the gap. Fix: lower --gap or --heldout_fraction, or use resolution 1"
+        )
+    size = _slab_size(num_train, gap, slab_size)
+    return SliceSplit(axis=parse_axis(axis), train_slabs=_chunks(below, size) + _chunks(above, size),
+                      heldout=heldout, gap=gap_slices, skipped=skipped)
+
+
+def parse_axis(axis: str) -> str:
+    """Validate the slicing axis name."""
+    if axis not in AXES:
+        raise NnDiffError(f"unknown axis {axis!r}; use one of {list(AXES)}")
+    return axis
+
+
+# --------------------------------------------------------------------------- geometry of parts
+
+
+def _take(volume: np.ndarray, axis: int, indices: Sequence[int]) -> np.ndarray:
+    return np.take(volume, list(indices), axis=axis)
+
+
+def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """Slice ``index`` along ``axis`` as ``(1, A, B)``: the in-plane axes keep their array order."""
+    return np.moveaxis(np.take(volume, [index], axis=axis), axis, 0)
+
+
+def sub_volume_properties(props: ImageProperties, axis: int, first: int, count: int) -> ImageProperties:
+    """Geometry of ``count`` consecutive slices starting at ``first`` along array ``axis``.
+
+    The origin moves to the first voxel of the sub-volume: origin + direction @ (offset * spacing),
+    in SimpleITK's (x, y, z) order (array axis ``a`` is SimpleITK axis ``2 - a``).
+    """
+    direction = np.asarray(props.direction).reshape(3, 3)
+    offset_xyz = np.zeros(3)
+    offset_xyz[2 - axis] = first * props.spacing[axis]
+    origin = np.asarray(props.origin) + direction @ offset_xyz
+    shape = list(props.shape)
+    shape[axis] = count
+    return ImageProperties(spacing=props.spacing, origin=tuple(float(v) for v in origin),
+                           direction=props.direction, spatial_dims=3,
+                           shape=tuple(shape))  # type: ignore[arg-type]
+
+
+def slice_properties(props: ImageProperties, axis: int, index: int) -> ImageProperties:
+    """2D geometry of slice ``index`` along array ``axis``: in-plane spacing, origin and direction.
+
+    Keeps the two in-plane SimpleITK axes of the 3D origin (moved to the slice) and the 2x2 block
+    of the direction; the template's direction is diagonal, so that block is a valid 2D direction.
+    """
+    moved = sub_volume_properties(props, axis, index, 1)
+    in_plane_array_axes = [a for a in range(3) if a != axis]
+    in_plane_sitk = sorted(2 - a for a in in_plane_array_axes)  # (x, y) order of the 2D image
+    direction = np.asarray(props.direction).reshape(3, 3)[np.ix_(in_plane_sitk, in_plane_sitk)]
+    spacing = (999.0,) + tuple(props.spacing[a] for a in in_plane_array_axes)
+    shape = (1,) + tuple(props.shape[a] for a in in_plane_array_axes)
+    return ImageProperties(spacing=spacing, origin=tuple(moved.origin[i] for i in in_plane_sitk),  # type: ignore[arg-type]
+                           direction=tuple(float(v) for v in direction.ravel()), spatial_dims=2,
+                           shape=shape)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def dataset_name(mode: str, axis: str, task: TaskFamily) -> str:
+    """Default folder name part, e.g. ``MNI152Axial2D`` or ``MNI152Axial3DSeg``."""
+    suffix = "2D" if mode == "2d_slices" else "3D"
+    return f"MNI152{axis.capitalize()}{suffix}" + ("Seg" if task == TaskFamily.SEGMENTATION else "")
+
+
+def _check_no_other_dataset_with_id(raw_root: Path, dataset_id: int, folder_name: str) -> None:
+    if not raw_root.is_dir():
+        return
+    clashes = [p.name for p in raw_root.iterdir() if p.is_dir() and DATASET_FOLDER.match(p.name)
+               and parse_dataset_folder_name(p.name)[0] == dataset_id and p.name != folder_name]
+    if clashes:
+        raise NnDiffError(f"{raw_root} already holds dataset id {dataset_id} ({', '.join(clashes)}). "
+                          "Fix: pick another -d ID or remove that folder")
+
+
+def _write_case(folder: Path, split: str, case_id: str, image: np.ndarray, label: np.ndarray | None,
+                props: ImageProperties, file_ending: str) -> None:
+    """Write one case: image ``images{split}/{case}_0000`` and, if given, ``labels{split}/{case}``."""
+    image_props = replace(props, dtype="uint8" if file_ending == ".png" else "float32")
+    write_image(image[None].astype(np.float32), image_props, folder / f"images{split}" / f"{case_id}_0000{file_ending}")
+    if label is not None:
+        write_image(label[None].astype(np.uint8), props, folder / f"labels{split}" / f"{case_id}{file_ending}")
+
+
+def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None) -> list[dict[str, Any]]:
+    """One case per slice: training slices (subject = slab id) and held-out slices."""
+    axis = AXES[split.axis]
+    cases: list[dict[str, Any]] = []
+    parts = [(f"slab_{n:02d}", "Tr", slab) for n, slab in enumerate(split.train_slabs)]
+    parts.append(("heldout", "Ts", split.heldout))
+    for subject, part_split, indices in parts:
+        for index in indices:
+            cases.append({
+                "id": f"mni152_{split.axis}_{index:03d}", "split": part_split, "subject": subject,
+                "slices": [index], "image": _slice(vol.t1, axis, index),
+                "label": None if labels is None else _slice(labels, axis, index),
+                "properties": slice_properties(vol.properties, axis, index),
+            })
+    return cases
+
+
+def _slab_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None) -> list[dict[str, Any]]:
+    """One 3D case per training slab, plus the held-out slab as one test case."""
+    axis = AXES[split.axis]
+    parts = [(f"mni152_{split.axis}_slab_{n:02d}", "Tr", slab) for n, slab in enumerate(split.train_slabs)]
+    if split.heldout:
+        parts.append((f"mni152_{split.axis}_heldout", "Ts", split.heldout))
+    return [{
+        "id": case_id, "split": part_split, "subject": case_id, "slices": indices,
+        "image": _take(vol.t1, axis, indices),
+        "label": None if labels is None else _take(labels, axis, indices),
+        "properties": sub_volume_properties(vol.properties, axis, indices[0], len(indices)),
+    } for case_id, part_split, indices in parts]
+
+
+def _dataset_json(task: TaskFamily, num_training: int, file_ending: str, mode: str,
+                  resolution: int) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "MNI152",
+        "description": (f"MNI152 ICBM 2009a nonlinear symmetric T1 template shipped with nilearn, "
+                        f"{resolution} mm, {mode}; intensities in the template's 8-bit units (0..255). "
+                        f"Slice layout: {CONVERSION_RECORD}"),
+        "reference": "Fonov et al., NeuroImage 2011 and 2009 (ICBM 2009a nonlinear symmetric); via nilearn",
+        "licence": "ICBM 2009 template licence: free use with the copyright notice of the McConnell "
+                   "Brain Imaging Centre kept (see nilearn documentation)",
+        "task": str(task),
+        "channel_names": {"0": "T1"},
+        "numTraining": num_training,
+        "file_ending": file_ending,
+    }
+    if task == TaskFamily.SEGMENTATION:
+        data["labels"] = dict(TISSUE_LABELS)
+    return data
+
+
+def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices", axis: str = "axial",
+                   resolution: int = 1, gap: int = 10, heldout_fraction: float = 0.2,
+                   task: str | TaskFamily = "generation", file_ending: str = ".nii.gz",
+                   min_brain_fraction: float = 0.1, heldout_position: str = "center",
+                   slab_size: int | None = None, name: str | None = None) -> Path:
+    """Write ``raw_root/DatasetXXX_<name>/`` from the MNI152 template and return that folder.
+
+    ``task="generation"``: images only. ``task="segmentation"``: plus ``labelsTr``/``labelsTs``
+    tissue maps (background, CSF, GM, WM; :func:`tissue_label_map`). ``file_ending`` ``.png``
+    (2D only) stores the 8-bit values (lossless at 1 mm, rounded at 2 mm). The folder is built
+    under a temporary name and moved into place, replacing an earlier conversion of the same name.
+    See :func:`plan_slice_split` for the slice rules; the chosen indices go to ``mni152_conversion.json``.
+    """
+    if mode not in MODES:
+        raise NnDiffError(f"unknown mode {mode!r}; use one of {list(MODES)}")
+    family = parse_option(TaskFamily, task, "task")
+    if family not in SUPPORTED_TASKS:
+        raise NnDiffError(f"task {family} is not supported by the MNI152 conversion; use one of "
+                          f"{[str(t) for t in SUPPORTED_TASKS]}")
+    if file_ending not in FILE_ENDINGS or (file_ending == ".png" and mode != "2d_slices"):
+        raise NnDiffError(f"file_ending {file_ending!r} is not supported for mode {mode}; use .nii.gz"
+                          + (" or .png" if mode == "2d_slices" else ""))
+    if not 0 <= int(dataset_id) <= 999:
+        raise NnDiffError(f"dataset id must be 0..999, got {dataset_id}")
+    raw_root = Path(raw_root)
+    folder_name = f"Dataset{int(dataset_id):03d}_{name or dataset_name(mode, axis, family)}"
+    _check_no_other_dataset_with_id(raw_root, int(dataset_id), folder_name)
+    vol = load_mni152(resolution)
+    split = plan_slice_split(vol.brain, axis, gap, heldout_fraction, min_brain_fraction,
+                             heldout_position, slab_size)
+    labels = tissue_label_map(vol.gm, vol.wm, vol.brain) if family == TaskFamily.SEGMENTATION else None
+    cases = (_slice_cases if mode == "2d_slices" else _slab_cases)(vol, split, labels)
+    target = raw_root / folder_name
+    with atomic_directory(target) as tmp:
+        for case in cases:
+            _write_case(tmp, case["split"], case["id"], case["image"], case["label"], case["properties"],
+                        file_ending)
+        num_training = sum(case["split"] == "Tr" for case in cases)
+        save_json(_dataset_json(family, num_training, file_ending, mode, resolution), tmp / "dataset.json")
+        save_json({case["id"]: {"subject": case["subject"]} for case in cases}, tmp / "metadata.json")
+        save_json(_conversion_record(vol, split, cases, mode, resolution, gap, heldout_fraction,
+                                     min_brain_fraction, heldout_position), tmp / CONVERSION_RECORD)
+    logger.info("MNI152 %s (%s, %d mm): %d training and %d held-out cases in %s", mode, axis, resolution,
+                num_training, len(cases) - num_training, target)
+    return target
+
+
+def _conversion_record(vol: Mni152Volumes, split: SliceSplit, cases: list[dict[str, Any]], mode: str,
+                       resolution: int, gap: int, heldout_fraction: float, min_brain_fraction: float,
+                       heldout_position: str) -> dict[str, Any]:
+    """What was written where and why, for people and for the demo's evaluation."""
+    import nilearn  # noqa: PLC0415  (already imported by load_mni152)
+
+    return {
+        "source": {"package": "nilearn", "version": nilearn.__version__, "files": vol.sources,
+                   "resolution_mm": resolution, "volume_shape_zyx": list(vol.properties.shape)},
+        "parameters": {"mode": mode, "gap": gap, "heldout_fraction": heldout_fraction,
+                       "min_brain_fraction": min_brain_fraction, "heldout_position": heldout_position},
+        "slices": split.to_json(),
+        "cases": {case["id"]: {"split": case["split"], "subject": case["subject"], "slices": case["slices"]}
+                  for case in cases},
+    }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    """Arguments of ``nndiff_convert_mni152``."""
+    p = argparse.ArgumentParser(
+        prog="nndiff_convert_mni152",
+        description="Write the MNI152 T1 template shipped with nilearn as an nnDiff raw dataset "
+                    "(2D slices or 3D slabs, a held-out slab separated by a gap).",
+    )
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="RAW",
+                   help="raw data root (default: $nnDiff_raw)")
+    p.add_argument("-d", "--dataset_id", type=int, required=True, help="dataset id (0..999)")
+    p.add_argument("--mode", choices=MODES, default="2d_slices")
+    p.add_argument("--axis", choices=list(AXES), default="axial")
+    p.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=1, help="mm (default 1)")
+    p.add_argument("--task", choices=[str(t) for t in SUPPORTED_TASKS], default="generation")
+    p.add_argument("--gap", type=int, default=10, help="slices dropped on each side of the held-out slab")
+    p.add_argument("--heldout_fraction", type=float, default=0.2)
+    p.add_argument("--heldout_position", choices=("center", "end"), default="center")
+    p.add_argument("--min_brain_fraction", type=float, default=0.1,
+                   help="skip slices whose brain area is below this fraction of the largest slice's")
+    p.add_argument("--slab_size", type=int, default=None, help="slices per training slab (subject)")
+    p.add_argument("--file_ending", choices=FILE_ENDINGS, default=".nii.gz")
+    p.add_argument("--name", default=None, help="dataset name (default e.g. MNI152Axial2D)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def _convert_body(argv: Sequence[str] | None) -> None:
+    from nndiff.paths import resolve_paths  # noqa: PLC0415
+    from nndiff.run.common import configure_logging  # noqa: PLC0415
+
+    args = convert_parser().parse_args(argv)
+    configure_logging(args)
+    raw_root = resolve_paths(raw=args.output).raw
+    if raw_root is None:
+        raise NnDiffError("no raw data root. Fix: pass -o RAW or set nnDiff_raw")
+    folder = convert_mni152(raw_root, args.dataset_id, mode=args.mode, axis=args.axis,
+                            resolution=args.resolution, gap=args.gap, heldout_fraction=args.heldout_fraction,
+                            task=args.task, file_ending=args.file_ending,
+                            min_brain_fraction=args.min_brain_fraction,
+                            heldout_position=args.heldout_position, slab_size=args.slab_size, name=args.name)
+    print(folder)  # the CLI's result: the dataset folder, for scripts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``nndiff_convert_mni152``; returns the exit code."""
+    from nndiff.run.common import run_cli  # noqa: PLC0415
+
+    return run_cli(_convert_body, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

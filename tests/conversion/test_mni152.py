@@ -1,0 +1,225 @@
+"""MNI152 conversion: valid raw datasets, train/held-out gap, geometry, labels, no download, CLI.
+
+nilearn is a test dependency here: it is imported at module level on purpose, so a missing
+nilearn fails this module instead of skipping it.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import sys
+from pathlib import Path
+
+import nilearn  # noqa: F401  (must fail, not skip, when absent)
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nndiff.dataset import load_dataset, read_images, read_label, verify_integrity
+from nndiff.dataset_conversion import mni152
+from nndiff.dataset_conversion.mni152 import (
+    CONVERSION_RECORD,
+    TISSUE_LABELS,
+    convert_mni152,
+    load_mni152,
+    nifti_geometry,
+    plan_slice_split,
+)
+from nndiff.errors import NnDiffError
+from nndiff.utils.files import load_json
+
+GAP = 10
+_SLICE_ID = re.compile(r"^mni152_axial_(\d{3})$")
+
+
+@pytest.fixture(scope="module")
+def volumes_2mm():
+    """Template at 2 mm, loaded with every network connection refused (proves: no download)."""
+    mni152.load_mni152.cache_clear()
+    original = socket.socket.connect
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test: the template must come from package files")
+
+    socket.socket.connect = refuse  # type: ignore[method-assign]
+    try:
+        vol = load_mni152(2)
+    finally:
+        socket.socket.connect = original  # type: ignore[method-assign]
+    return vol
+
+
+@pytest.fixture(scope="module")
+def axial_2d(tmp_path_factory, volumes_2mm):
+    raw = tmp_path_factory.mktemp("raw")
+    return convert_mni152(raw, 7, mode="2d_slices", axis="axial", resolution=2, gap=GAP)
+
+
+def test_template_files_come_from_the_nilearn_package(volumes_2mm):
+    package_dir = Path(nilearn.__file__).parent.resolve()
+    assert set(volumes_2mm.sources) == {"t1", "gm", "wm"}
+    for path in volumes_2mm.sources.values():
+        assert Path(path).resolve().is_relative_to(package_dir), path
+        assert Path(path).is_file()
+    assert volumes_2mm.properties.shape == (95, 117, 99)
+    assert volumes_2mm.t1.shape == volumes_2mm.gm.shape == volumes_2mm.brain.shape == (95, 117, 99)
+    assert 0.0 <= volumes_2mm.t1.min() and 200.0 < volumes_2mm.t1.max() <= 255.0  # 8-bit units
+    assert not volumes_2mm.t1.flags.writeable  # cached: nobody may change it
+
+
+def test_2d_dataset_passes_full_integrity_check(axial_2d):
+    dataset = load_dataset(axial_2d)
+    assert verify_integrity(dataset, full=True) == []
+    assert dataset.task == "generation"
+    assert dataset.channel_names == {"0": "T1"}
+    record = load_json(axial_2d / CONVERSION_RECORD)
+    train, heldout = record["slices"]["train_slabs"], record["slices"]["heldout"]
+    assert len(dataset.cases) == sum(len(s) for s in train) == dataset.json["numTraining"]
+    assert len(dataset.test_cases) == len(heldout) > 0
+    # Each training slice's subject is its slab: slabs are contiguous, at least 5 for 5-fold CV.
+    subjects = dataset.subjects()
+    assert len(train) >= 5
+    for n, slab in enumerate(train):
+        assert slab == list(range(slab[0], slab[-1] + 1))
+        for index in slab:
+            assert subjects[f"mni152_axial_{index:03d}"] == f"slab_{n:02d}"
+
+
+def _indices(case_ids) -> list[int]:
+    return sorted(int(_SLICE_ID.match(c).group(1)) for c in case_ids)
+
+
+def test_heldout_slab_is_contiguous_and_separated_by_the_gap(axial_2d, volumes_2mm):
+    dataset = load_dataset(axial_2d)
+    train, heldout = _indices(dataset.cases), _indices(dataset.test_cases)
+    assert heldout == list(range(heldout[0], heldout[-1] + 1))
+    distance = min(abs(t - h) for t in train for h in heldout)
+    assert distance - 1 >= GAP  # at least GAP slices lie strictly between train and held-out
+    assert load_json(axial_2d / CONVERSION_RECORD)["slices"]["min_train_heldout_distance"] == distance
+    # The indices in the names are the template's: the written pixels are those slices.
+    for case_id, case in list(dataset.test_cases.items())[:2] + list(dataset.cases.items())[:2]:
+        index = int(_SLICE_ID.match(case_id).group(1))
+        image, _ = read_images(case.images)
+        np.testing.assert_allclose(image[0, 0], volumes_2mm.t1[index], rtol=0, atol=1e-4)
+        # Skipped slices hold little brain; kept ones at least 10 % of the largest slice's area.
+        area = volumes_2mm.brain.sum(axis=(1, 2))
+        assert area[index] >= 0.1 * area.max()
+
+
+def test_2d_slice_geometry_is_preserved(axial_2d, volumes_2mm):
+    dataset = load_dataset(axial_2d)
+    case_id = sorted(dataset.cases)[0]
+    image, props = read_images(dataset.cases[case_id].images)
+    index = int(_SLICE_ID.match(case_id).group(1))
+    assert props.spatial_dims == 2
+    assert props.spacing == pytest.approx((999.0, 2.0, 2.0))
+    assert image.shape == (1, 1, 117, 99)
+    # In-plane origin and direction of the slice are the volume's (RAS -> LPS: x, y negated).
+    assert props.origin == pytest.approx((98.0, 134.0))
+    assert props.direction == pytest.approx((-1.0, 0.0, 0.0, -1.0))
+    assert index > 0
+
+
+def test_nifti_geometry_matches_simpleitk_on_the_template_file(volumes_2mm):
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(volumes_2mm.sources["t1"])
+    reader.ReadImageInformation()
+    import nibabel
+
+    spacing, origin, direction = nifti_geometry(nibabel.load(volumes_2mm.sources["t1"]).affine)
+    assert spacing == pytest.approx(tuple(reversed(reader.GetSpacing())))
+    assert origin == pytest.approx(reader.GetOrigin())
+    assert direction == pytest.approx(reader.GetDirection())
+    # The 2 mm grid keeps the 1 mm file's origin and direction.
+    assert volumes_2mm.properties.origin == pytest.approx(reader.GetOrigin())
+    assert volumes_2mm.properties.spacing == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_3d_segmentation_dataset(tmp_path, volumes_2mm):
+    folder = convert_mni152(tmp_path, 8, mode="3d", resolution=2, task="segmentation", gap=GAP)
+    dataset = load_dataset(folder)
+    assert verify_integrity(dataset, full=True) == []
+    assert dataset.labels == TISSUE_LABELS
+    record = load_json(folder / CONVERSION_RECORD)
+    assert len(dataset.cases) == len(record["slices"]["train_slabs"]) >= 5
+    assert len(dataset.test_cases) == 1
+    seen: set[int] = set()
+    full = sitk.GetImageFromArray(np.zeros((95, 117, 99), np.float32))
+    full.SetSpacing((2.0, 2.0, 2.0))
+    full.SetOrigin(volumes_2mm.properties.origin)
+    full.SetDirection(volumes_2mm.properties.direction)
+    for case_id, case in dataset.cases.items():
+        slices = record["cases"][case_id]["slices"]
+        image, props = read_images(case.images)
+        label, _ = read_label(case.label)
+        np.testing.assert_allclose(image[0], volumes_2mm.t1[slices[0]:slices[-1] + 1], atol=1e-4)
+        seen |= set(np.unique(label).tolist())
+        assert props.spacing == pytest.approx((2.0, 2.0, 2.0))
+        # The slab's first voxel sits where that voxel sits in the whole template.
+        assert props.origin == pytest.approx(full.TransformIndexToPhysicalPoint((0, 0, slices[0])))
+    assert seen == {0, 1, 2, 3}
+
+
+def test_tissue_label_map_rule():
+    gm = np.array([0.6, 0.2, 0.1, 0.9])
+    wm = np.array([0.3, 0.7, 0.1, 0.0])
+    brain = np.array([True, True, True, False])
+    # CSF = 1 - GM - WM: 0.1, 0.1, 0.8 -> GM, WM, CSF; outside the brain: background.
+    assert mni152.tissue_label_map(gm, wm, brain).tolist() == [2, 3, 1, 0]
+
+
+def test_png_slices_store_rounded_8bit_values(tmp_path, volumes_2mm):
+    folder = convert_mni152(tmp_path, 9, axis="sagittal", resolution=2, file_ending=".png",
+                            task="segmentation", heldout_position="end")
+    dataset = load_dataset(folder)
+    assert verify_integrity(dataset, full=True) == []
+    case_id, case = sorted(dataset.test_cases.items())[0]
+    index = int(case_id.rsplit("_", 1)[1])
+    image, props = read_images(case.images)
+    assert props.spacing == pytest.approx((999.0, 2.0, 2.0))  # from the sidecar
+    assert image.shape == (1, 1, 95, 117)  # (Z, Y) of the sagittal plane
+    np.testing.assert_array_equal(image[0, 0], np.round(volumes_2mm.t1[:, :, index]))
+    # "end": the held-out slab is the last kept slab, one gap before it.
+    record = load_json(folder / CONVERSION_RECORD)["slices"]
+    assert max(s for slab in record["train_slabs"] for s in slab) < min(record["heldout"])
+    assert len(record["gap"]) == GAP
+
+
+def _cube_mask(num_slices: int = 60) -> np.ndarray:
+    brain = np.zeros((num_slices, 8, 8), bool)
+    brain[5:55, 2:6, 2:6] = True  # slices 5..54 hold brain
+    return brain
+
+
+def test_slice_split_layout_on_a_synthetic_mask():
+    split = plan_slice_split(_cube_mask(), "axial", gap=10, heldout_fraction=0.2)
+    assert split.skipped == list(range(0, 5)) + list(range(55, 60))
+    assert split.heldout == list(range(25, 35))  # 10 = 0.2 * 50, centred
+    assert split.gap == list(range(15, 25)) + list(range(35, 45))
+    assert split.train == list(range(5, 15)) + list(range(45, 55))
+    assert len(split.train_slabs) >= 5 and split.min_distance() == 11
+    assert plan_slice_split(_cube_mask(), gap=4, slab_size=3).train_slabs[0] == [5, 6, 7]
+
+
+def test_slice_split_without_room_for_training_fails_clearly():
+    with pytest.raises(NnDiffError, match="no training slices left"):
+        plan_slice_split(_cube_mask(), gap=30, heldout_fraction=0.5)
+    with pytest.raises(NnDiffError, match="unknown axis"):
+        plan_slice_split(_cube_mask(), axis="oblique")
+
+
+def test_missing_nilearn_gives_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    with pytest.raises(NnDiffError, match="pip install nilearn"):
+        mni152._nilearn()
+
+
+def test_cli_writes_a_dataset_and_refuses_a_taken_id(tmp_path, volumes_2mm, capsys):
+    assert mni152.main(["-o", str(tmp_path), "-d", "12", "--mode", "3d", "--resolution", "2", "-q"]) == 0
+    folder = tmp_path / "Dataset012_MNI152Axial3D"
+    assert capsys.readouterr().out.strip() == str(folder)
+    assert load_dataset(folder).json["numTraining"] >= 5
+    # Same id, other name: refused with exit code 2, the existing dataset untouched.
+    assert mni152.main(["-o", str(tmp_path), "-d", "12", "--resolution", "2", "-q"]) == 2
+    assert "already holds dataset id 12" in capsys.readouterr().err
+    assert not (tmp_path / "Dataset012_MNI152Axial2D").exists()
