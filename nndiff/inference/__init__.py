@@ -1,1 +1,18 @@
+"""Predictor base (documentation/inference.md): model-folder loading, input cases, seeded
+generators, inverse mapping to original grid and units, atomic output writing, Monte-Carlo
+mean/std. Families subclass :class:`Predictor`."""
+from nndiff.inference.files import InputCase, find_input_cases, monte_carlo_summary, write_output
+from nndiff.inference.model_folder import locate_plans_and_dataset_json, parse_model_folder_name
+from nndiff.inference.predictor import PreparedCase, Predictor, seed_for
 
+__all__ = [
+    "InputCase",
+    "PreparedCase",
+    "Predictor",
+    "find_input_cases",
+    "locate_plans_and_dataset_json",
+    "monte_carlo_summary",
+    "parse_model_folder_name",
+    "seed_for",
+    "write_output",
+]

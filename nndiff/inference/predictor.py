@@ -1,0 +1,361 @@
+"""Predictor base: load a model folder, read and preprocess input cases, run the family's hook with
+a seeded generator per case, map outputs back to the original grid and units, write them atomically.
+
+Families subclass :class:`Predictor` and override :meth:`Predictor.predict_case` (conditional
+families: translation, denoising, ...) and/or :meth:`Predictor.generate` (unconditional
+generation). Everything else — files, preprocessing, seeding, batching of 2D slices and samples,
+inverse mapping, geometry, Monte-Carlo mean/std — is here. See documentation/inference.md.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nndiff.errors import NnDiffError
+from nndiff.inference.files import (
+    STD_SUFFIX,
+    find_input_cases,
+    monte_carlo_summary,
+    write_output,
+)
+from nndiff.inference.model_folder import (
+    checked_weights,
+    fold_dirs,
+    load_network,
+    locate_plans_and_dataset_json,
+    parse_model_folder_name,
+)
+from nndiff.planning import resolve_configuration
+from nndiff.training.trainer import resolve_device
+from nndiff.utils.files import load_json, save_json
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+#: Written into every output folder: which model, folds, checkpoint and seed made the files.
+PREDICTION_INFO = "prediction_info.json"
+#: What an output is, for the inverse mapping (``invert_case``'s ``kind``).
+OUTPUT_KINDS = ("data", "target", "seg")
+#: Generated samples are named ``sample_0000`` ...
+SAMPLE_PREFIX = "sample"
+
+
+@dataclass
+class PreparedCase:
+    """An input case after preprocessing: ``data`` ``(C, Z, Y, X)`` float32 on the configuration's
+    grid (a 2D configuration keeps all slices), and the case JSON the inverse needs."""
+
+    identifier: str
+    data: np.ndarray
+    case_json: dict
+
+
+def seed_for(seed: int, identifier: str) -> int:
+    """The generator seed of one case or sample: a function of ``(seed, identifier)`` only, so a
+    case gets the same noise whatever else is in the input folder and in whatever order."""
+    return (int(seed) * 1_000_003 + zlib.crc32(identifier.encode("utf-8"))) % (2 ** 63 - 1)
+
+
+class Predictor:
+    """Base of every family predictor.
+
+    Parameters
+    ----------
+    plans: the plans dict (``nnDiffPlans.json``) the model was trained with.
+    configuration: configuration name (``inherits_from`` applied).
+    dataset_json: content of the dataset's ``dataset.json`` (``file_ending``, ``channel_names``).
+    networks: one network per fold, already on ``device`` and in ``eval()`` mode (may be empty for
+        a family that needs no network).
+    device: ``auto``, ``cpu``, ``cuda`` or a torch.device.
+    batch_size: samples (generation) or slices (2D configurations) per network call; default the
+        configuration's ``batch_size``.
+    sampler / num_steps: override the plan's sampler and step count (``None``: as planned).
+    """
+
+    #: What the family's output is (``invert_case`` kind): image channels, target channels or a label map.
+    output_kind: str = "data"
+
+    def __init__(self, plans: dict, configuration: str, dataset_json: dict, networks: Sequence[nn.Module] = (),
+                 *, device: str | torch.device = "auto", batch_size: int | None = None,
+                 sampler: str | None = None, num_steps: int | None = None,
+                 model_info: dict[str, Any] | None = None) -> None:
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        self.plans = plans
+        self.configuration_name = configuration
+        self.configuration = resolve_configuration(plans, configuration)
+        self.dataset_json = dataset_json
+        self.device = resolve_device(device)
+        self.networks = list(networks)
+        self.batch_size = int(batch_size or self.configuration.get("batch_size") or 1)
+        self.sampler_name = sampler
+        self.num_steps = num_steps
+        self.model_info = dict(model_info or {})
+        self.file_ending = str(dataset_json.get("file_ending", ".nii.gz"))
+        self.num_input_channels = len(dataset_json.get("channel_names") or dataset_json.get("modality") or {})
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def build_network(cls, configuration: dict) -> nn.Module:
+        """The network of one fold, rebuilt from the plan (override for non-UNet families)."""
+        from nndiff.networks import build_network
+
+        return build_network(configuration["network"])
+
+    @classmethod
+    def from_model_folder(cls, model_dir: str | Path, folds: Sequence[int | str] | int | str = (0,),
+                          checkpoint: str = DEFAULT_CHECKPOINT, use_ema: bool = True,
+                          device: str | torch.device = "auto", preprocessed_dir: str | Path | None = None,
+                          **kwargs: Any) -> "Predictor":
+        """Load ``results/DatasetXXX_Name/<Trainer>__<Plans>__<config>`` (the parent of ``fold_N``).
+
+        ``folds``: fold numbers, or ``"all"`` for the ``fold_all`` model. One network per fold,
+        with the EMA weights unless ``use_ema=False``. The plans and dataset.json are read from
+        ``preprocessed_dir`` or found as documented in :mod:`nndiff.inference.model_folder`. A
+        checkpoint trained with other plans (plans hash) is refused with :class:`NnDiffError`.
+        Other keyword arguments go to the constructor.
+        """
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise NnDiffError(f"model folder {model_dir} does not exist. Fix: train first, or pass "
+                              "results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>")
+        name = parse_model_folder_name(model_dir)
+        plans_file, dataset_json_file = locate_plans_and_dataset_json(model_dir, name.plans_name, preprocessed_dir)
+        plans, dataset_json = load_json(plans_file), load_json(dataset_json_file)
+        if name.configuration not in plans.get("configurations", {}):
+            raise NnDiffError(f"{plans_file} has no configuration {name.configuration!r} (model folder "
+                              f"{model_dir.name}). Fix: use the plans the model was trained with")
+        configuration = resolve_configuration(plans, name.configuration)
+        target = resolve_device(device)
+        networks = []
+        paths = [d / checkpoint for d in fold_dirs(model_dir, folds)]
+        for path in paths:
+            weights, _ = checked_weights(path, plans, name.configuration, use_ema, map_location="cpu")
+            networks.append(load_network(lambda: cls.build_network(configuration), weights, path, target))
+        info = {"model_dir": str(model_dir), "trainer": name.trainer, "plans_name": name.plans_name,
+                "configuration": name.configuration, "checkpoints": [str(p) for p in paths],
+                "use_ema": use_ema, "plans_file": str(plans_file)}
+        logger.info("loaded %d fold(s) of %s from %s (%s weights)", len(networks), name.configuration,
+                    model_dir, "EMA" if use_ema else "raw")
+        return cls(plans, name.configuration, dataset_json, networks, device=target, model_info=info, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks a family overrides
+    # ------------------------------------------------------------------------------------------
+    def predict_case(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator) -> torch.Tensor:
+        """The family's output for one preprocessed case.
+
+        ``data``: ``(C, Z, Y, X)`` float32 on ``self.device`` (a 2D configuration gets the whole
+        volume; :meth:`map_slices` batches its slices). Returns ``(C_out, Z, Y, X)`` on the same
+        grid, in the normalised units of :attr:`output_kind`. Draw every random number from
+        ``generator`` (same seed → same output).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not predict from input cases")
+
+    def predict_case_samples(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator,
+                             num_samples: int) -> torch.Tensor:
+        """``num_samples`` outputs ``(K, C_out, Z, Y, X)`` for Monte-Carlo prediction; by default
+        :meth:`predict_case` called K times with the same generator (override to batch them)."""
+        return torch.stack([self.predict_case(data, case, generator) for _ in range(num_samples)])
+
+    def generate(self, num_samples: int, generator: torch.Generator, shape: Sequence[int]) -> torch.Tensor:
+        """``num_samples`` unconditional samples ``(N, C, *shape)`` in normalised units;
+        ``shape`` is the spatial shape on the configuration's grid (2 entries for 2D)."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate unconditional samples")
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers for families
+    # ------------------------------------------------------------------------------------------
+    @property
+    def is_2d(self) -> bool:
+        """A 2D configuration: the network sees ``(B, C, Y, X)`` slices."""
+        return int(self.configuration.get("spatial_dims", 3)) == 2
+
+    def make_generator(self, seed: int, identifier: str) -> torch.Generator:
+        """A generator on ``self.device`` seeded by :func:`seed_for`."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed_for(seed, identifier))
+        return generator
+
+    def make_sampler(self, **overrides: Any):
+        """The plan's sampler (``nndiff.diffusion.build_sampler``) with this predictor's sampler
+        and step-count overrides."""
+        from nndiff.diffusion import build_sampler
+
+        return build_sampler(self.configuration["diffusion"], self.sampler_name, self.num_steps, **overrides)
+
+    def model_fn(self) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
+        """``model(x, t, cond)`` averaging the fold networks' outputs (``cond``: None or a dict of
+        network keyword arguments such as ``cond_image``, ``class_labels``)."""
+        if not self.networks:
+            raise NnDiffError("this predictor holds no network. Fix: load it with from_model_folder")
+
+        def model(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+            kwargs = dict(cond or {})
+            outputs = [net(x, t, **kwargs) for net in self.networks]
+            return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+
+        return model
+
+    def map_slices(self, fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor) -> torch.Tensor:
+        """Apply ``fn`` to the z slices of ``data`` ``(C, Z, Y, X)`` in batches of
+        ``batch_size`` (``fn``: ``(B, C, Y, X) -> (B, C', Y, X)``); returns ``(C', Z, Y, X)``."""
+        slices = data.permute(1, 0, 2, 3)
+        outputs = [fn(slices[i:i + self.batch_size]) for i in range(0, slices.shape[0], self.batch_size)]
+        return torch.cat(outputs).permute(1, 0, 2, 3)
+
+    # ------------------------------------------------------------------------------------------
+    # Input cases
+    # ------------------------------------------------------------------------------------------
+    def prepare_case(self, images: np.ndarray, properties: Any, identifier: str) -> PreparedCase:
+        """Preprocess raw arrays ``(C, Z, Y, X)`` with the plan (as training data was)."""
+        from nndiff.preprocessing import preprocess_case
+
+        arrays, case_json = preprocess_case(images, properties, self.plans, self.configuration_name,
+                                            identifier=identifier)
+        return PreparedCase(identifier, arrays["data"], case_json)
+
+    def _run_case(self, case: PreparedCase, seed: int, num_samples: int) -> torch.Tensor:
+        generator = self.make_generator(seed, case.identifier)
+        data = torch.from_numpy(np.ascontiguousarray(case.data)).to(self.device)
+        with torch.no_grad():
+            if num_samples > 1:
+                return self.predict_case_samples(data, case, generator, num_samples)
+            return self.predict_case(data, case, generator)
+
+    def invert(self, array: np.ndarray, case_json: dict) -> tuple[np.ndarray, Any]:
+        """An output on the configuration's grid back to the original grid, units and geometry."""
+        from nndiff.preprocessing import invert_case
+
+        return invert_case(np.asarray(array, dtype=np.float32), case_json, self.plans,
+                           self.configuration_name, kind=self.output_kind)
+
+    def predict_arrays(self, images: np.ndarray, properties: Any, identifier: str = "case",
+                       seed: int = 0) -> tuple[np.ndarray, Any]:
+        """One case in memory: raw ``(C, Z, Y, X)`` + ``ImageProperties`` in, output in original
+        units with the input's geometry out."""
+        case = self.prepare_case(images, properties, identifier)
+        output = self._run_case(case, seed, 1)
+        return self.invert(output.float().cpu().numpy(), case.case_json)
+
+    def predict_from_folder(self, input_dir: str | Path, output_dir: str | Path, seed: int = 0,
+                            num_mc_samples: int = 1) -> list[Path]:
+        """Predict every ``{CASE}_{XXXX}{ending}`` case of ``input_dir`` into ``output_dir``.
+
+        Outputs: ``{CASE}{ending}`` (one file per channel ``{CASE}_{XXXX}{ending}`` when there are
+        several), on the input's grid with its spacing, origin and direction, in original units.
+        ``num_mc_samples`` K > 1: the mean of K samples is the prediction and the per-voxel
+        standard deviation is written as ``{CASE}_std{ending}``.
+        """
+        from nndiff.dataset.io import read_images
+
+        output_dir = Path(output_dir)
+        cases = find_input_cases(input_dir, self.file_ending, self.num_input_channels)
+        written: list[Path] = []
+        for item in cases:
+            images, properties = read_images(item.files)
+            case = self.prepare_case(images, properties, item.identifier)
+            output = self._run_case(case, seed, num_mc_samples).float().cpu().numpy()
+            if num_mc_samples > 1:
+                written += self.write_monte_carlo(list(output), case.case_json, output_dir, item.identifier)
+            else:
+                array, props = self.invert(output, case.case_json)
+                written += write_output(array, props, output_dir, item.identifier, self.file_ending)
+            logger.info("predicted %s", item.identifier)
+        self._write_info(output_dir, seed, {"mode": "predict", "input_dir": str(input_dir),
+                                            "num_cases": len(cases), "num_mc_samples": num_mc_samples})
+        return written
+
+    # ------------------------------------------------------------------------------------------
+    # Monte Carlo
+    # ------------------------------------------------------------------------------------------
+    def write_monte_carlo(self, samples: Sequence[np.ndarray], case_json: dict, output_dir: str | Path,
+                          identifier: str) -> list[Path]:
+        """Write the mean of K samples as ``{CASE}{ending}`` and their per-voxel standard deviation
+        (ddof = 0) as ``{CASE}_std{ending}``, both on the original grid with its geometry.
+
+        Each sample is mapped back to original units first (the inverse clips and resamples, so
+        it does not commute with the mean); the statistics are in original units.
+        """
+        if self.output_kind == "seg":
+            raise NnDiffError("Monte-Carlo mean/std is defined for intensity outputs, not label maps")
+        inverted = [self.invert(sample, case_json) for sample in samples]
+        mean, std = monte_carlo_summary([array for array, _ in inverted])
+        properties = inverted[0][1]
+        output_dir = Path(output_dir)
+        paths = write_output(mean, properties, output_dir, identifier, self.file_ending)
+        paths += write_output(std, properties, output_dir, identifier, self.file_ending, suffix=STD_SUFFIX)
+        return paths
+
+    # ------------------------------------------------------------------------------------------
+    # Unconditional generation
+    # ------------------------------------------------------------------------------------------
+    def generation_shape(self, shape: str | Sequence[int] = "patch") -> list[int]:
+        """Spatial shape of generated samples on the configuration's grid: ``"patch"`` (the
+        planned patch size, which the network always accepts), ``"median"`` (the plan's median
+        image size) or explicit sizes."""
+        if isinstance(shape, str):
+            key = {"patch": "patch_size", "median": "median_image_size_in_voxels"}.get(shape)
+            if key is None:
+                raise NnDiffError(f"unknown generation shape {shape!r}. Fix: use 'patch', 'median' or sizes")
+            shape = self.configuration[key]
+        sizes = [int(s) for s in shape]
+        expected = 2 if self.is_2d else 3
+        if len(sizes) != expected:
+            raise NnDiffError(f"configuration {self.configuration_name!r} generates {expected}D samples; "
+                              f"got shape {sizes}")
+        return sizes
+
+    def generated_geometry(self, shape: Sequence[int]) -> dict:
+        """Case JSON of a generated sample: the configuration's spacing, origin 0, identity
+        direction; a 2D configuration writes 2D images (``generated_case_json``)."""
+        from nndiff.preprocessing import generated_case_json
+
+        return generated_case_json(self.plans, self.configuration_name, shape)
+
+    def generate_to_folder(self, output_dir: str | Path, num_samples: int, seed: int = 0,
+                           shape: str | Sequence[int] = "patch") -> list[Path]:
+        """Generate ``num_samples`` samples in batches of ``batch_size`` and write
+        ``sample_0000{ending}``, ... with the documented geometry, in original units.
+
+        Batch *b* (samples ``b*batch_size ...``) draws from a generator seeded with
+        ``(seed, "sample_<first index>")``: the same seed and batch size give identical files.
+        """
+        if num_samples < 1:
+            raise NnDiffError(f"num_samples must be >= 1, got {num_samples}")
+        sizes = self.generation_shape(shape)
+        case_json = self.generated_geometry(sizes)
+        output_dir = Path(output_dir)
+        written: list[Path] = []
+        for start in range(0, num_samples, self.batch_size):
+            count = min(self.batch_size, num_samples - start)
+            generator = self.make_generator(seed, f"{SAMPLE_PREFIX}_{start:04d}")
+            with torch.no_grad():
+                batch = self.generate(count, generator, sizes).float().cpu().numpy()
+            if batch.shape[0] != count or list(batch.shape[2:]) != sizes:
+                raise NnDiffError(f"{type(self).__name__}.generate returned shape {list(batch.shape)}; "
+                                  f"expected [{count}, C, {', '.join(map(str, sizes))}]")
+            for offset, sample in enumerate(batch):
+                grid = sample[:, None] if self.is_2d else sample  # (C, Y, X) -> (C, 1, Y, X)
+                array, props = self.invert(grid, case_json)
+                written += write_output(array, props, output_dir, f"{SAMPLE_PREFIX}_{start + offset:04d}",
+                                        self.file_ending)
+        self._write_info(output_dir, seed, {"mode": "generate", "num_samples": num_samples, "shape": sizes,
+                                            "batch_size": self.batch_size})
+        return written
+
+    # ------------------------------------------------------------------------------------------
+    def _write_info(self, output_dir: Path, seed: int, extra: dict[str, Any]) -> None:
+        info = {**self.model_info, "predictor": type(self).__name__, "configuration": self.configuration_name,
+                "seed": seed, "device": str(self.device), "sampler": self.sampler_name,
+                "num_steps": self.num_steps, **extra}
+        save_json(info, Path(output_dir) / PREDICTION_INFO)
