@@ -23,6 +23,7 @@ from nndiff.inference import Predictor, find_input_cases, seed_for
 from nndiff.inference.files import monte_carlo_summary
 from nndiff.networks import build_network
 from nndiff.planning import resolve_configuration
+from nndiff.training import Trainer
 from nndiff.utils.files import save_json
 
 CASES = ["case_000", "case_001"]
@@ -264,3 +265,27 @@ def test_base_hooks_are_abstract(setup):
         predictor.generate_to_folder(setup["root"] / "never", 1)
     with pytest.raises(NotImplementedError):
         predictor.predict_from_folder(setup["inputs"], setup["root"] / "never2")
+
+
+class _UNetTrainer(Trainer):
+    """A real Trainer on the plan's network with a trivial loss: the checkpoint format and the
+    results folder layout are the trainer's own."""
+
+    def compute_loss(self, network, batch, *, train, generators=None):
+        x = batch["data"]
+        t = torch.full((x.shape[0],), 10.0, device=x.device)
+        return ((network(x, t) - x) ** 2).mean(), {}
+
+
+def test_loads_a_checkpoint_written_by_a_trainer_run(setup, tmp_path):
+    plans = setup["plans"]
+    trainer = _UNetTrainer(plans, "3d_fullres", 0, setup["pre"], tmp_path / "results", device="cpu",
+                           iterations=2, num_workers=0, seed=3)
+    trainer.run_training()
+    model_dir = trainer.output_dir.parent
+    assert model_dir.name == "_UNetTrainer__nnDiffPlans__3d_fullres"
+    predictor = EchoPredictor.from_model_folder(model_dir, device="cpu", preprocessed_dir=setup["pre"])
+    ema = trainer.ema_network.state_dict()
+    loaded = predictor.networks[0].state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    assert predictor.model_info["trainer"] == "_UNetTrainer"
