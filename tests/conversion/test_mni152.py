@@ -223,3 +223,18 @@ def test_cli_writes_a_dataset_and_refuses_a_taken_id(tmp_path, volumes_2mm, caps
     assert mni152.main(["-o", str(tmp_path), "-d", "12", "--resolution", "2", "-q"]) == 2
     assert "already holds dataset id 12" in capsys.readouterr().err
     assert not (tmp_path / "Dataset012_MNI152Axial2D").exists()
+
+
+def test_fingerprint_and_plan_accept_the_2d_dataset(axial_2d):
+    from nndiff.fingerprint import extract_fingerprint
+    from nndiff.planning import plan_experiment
+
+    dataset = load_dataset(axial_2d)
+    fingerprint = extract_fingerprint(dataset, num_processes=1)
+    assert fingerprint["spatial_dims"] == 2
+    assert fingerprint["channels"][0]["modality"] == "mr"
+    plans = plan_experiment(fingerprint, dataset.json)
+    assert plans["target_spacing"] == pytest.approx([999.0, 2.0, 2.0])
+    assert list(plans["configurations"]) == ["2d"]
+    # The window covers the template's 8-bit range (not a 0..1 rescaled one).
+    assert 150.0 < plans["normalization"]["images"][0]["params"]["clip_high"] <= 255.0
