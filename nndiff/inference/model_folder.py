@@ -139,3 +139,18 @@ def load_network(build: Any, weights: dict[str, torch.Tensor], path: Path, devic
         raise NnDiffError(f"the weights in {path} do not fit the network the plans describe: "
                           f"{str(err).splitlines()[0]}. Fix: use the plans the model was trained with") from None
     return network.to(device).eval()
+
+
+def model_folder_path(results_root: str | Path, dataset: str | int, trainer: str, configuration: str,
+                      plans_name: str = "nnDiffPlans") -> Path:
+    """``results_root/DatasetXXX_Name/<trainer>__<plans_name>__<configuration>`` for a dataset id
+    (``4``, ``Dataset004`` or the full name), as ``nndiff_predict -d -tr -p -c`` names it."""
+    from nndiff.training.api import find_preprocessed_dataset
+
+    dataset_dir = find_preprocessed_dataset(Path(results_root), dataset)  # same DatasetXXX_ lookup
+    path = dataset_dir / f"{trainer}__{plans_name}__{configuration}"
+    if not path.is_dir():
+        present = sorted(p.name for p in dataset_dir.iterdir() if p.is_dir() and "__" in p.name)
+        raise NnDiffError(f"no trained model {path} (present: {', '.join(present) or 'none'}). "
+                          "Fix: train it first, or pick -tr/-p/-c of a present model")
+    return path

@@ -30,8 +30,10 @@ from nndiff.inference.model_folder import (
     fold_dirs,
     load_network,
     locate_plans_and_dataset_json,
+    model_folder_path,
     parse_model_folder_name,
 )
+from nndiff.paths import Paths
 from nndiff.planning import resolve_configuration
 from nndiff.training.trainer import resolve_device
 from nndiff.utils.files import load_json, save_json
@@ -147,6 +149,18 @@ class Predictor:
         logger.info("loaded %d fold(s) of %s from %s (%s weights)", len(networks), name.configuration,
                     model_dir, "EMA" if use_ema else "raw")
         return cls(plans, name.configuration, dataset_json, networks, device=target, model_info=info, **kwargs)
+
+    @classmethod
+    def from_trained(cls, dataset: str | int, configuration: str, paths: Paths, *, trainer: str,
+                     plans_name: str = "nnDiffPlans", **kwargs: Any) -> "Predictor":
+        """:meth:`from_model_folder` for ``results/DatasetXXX_Name/<trainer>__<plans_name>__<configuration>``
+        found through ``paths`` (an ``nndiff.paths.Paths``: results root required, preprocessed
+        root used for the plans when set). What ``nndiff_predict -d -c -tr -p`` needs."""
+        model_dir = model_folder_path(paths.require("results"), dataset, trainer, configuration, plans_name)
+        if kwargs.get("preprocessed_dir") is None and paths.preprocessed is not None:
+            candidate = Path(paths.preprocessed) / model_dir.parent.name
+            kwargs["preprocessed_dir"] = candidate if candidate.is_dir() else None
+        return cls.from_model_folder(model_dir, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # Hooks a family overrides

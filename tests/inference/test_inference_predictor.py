@@ -22,6 +22,7 @@ from nndiff.errors import DatasetError, NnDiffError
 from nndiff.inference import Predictor, find_input_cases, seed_for
 from nndiff.inference.files import monte_carlo_summary
 from nndiff.networks import build_network
+from nndiff.paths import Paths
 from nndiff.planning import resolve_configuration
 from nndiff.training import Trainer
 from nndiff.utils.files import save_json
@@ -289,3 +290,12 @@ def test_loads_a_checkpoint_written_by_a_trainer_run(setup, tmp_path):
     loaded = predictor.networks[0].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
     assert predictor.model_info["trainer"] == "_UNetTrainer"
+
+
+def test_from_trained_finds_the_model_by_dataset_trainer_and_configuration(setup):
+    paths = Paths(preprocessed=setup["pre"].parent, results=setup["root"] / "results")
+    predictor = EchoPredictor.from_trained("3", "3d_fullres", paths, trainer="GenerationTrainer", device="cpu")
+    assert predictor.model_info["model_dir"] == str(setup["model_dirs"]["3d_fullres"])
+    assert predictor.configuration_name == "3d_fullres"
+    with pytest.raises(NnDiffError, match="no trained model .*present: GenerationTrainer__nnDiffPlans__2d"):
+        EchoPredictor.from_trained("Dataset003", "3d_lowres", paths, trainer="GenerationTrainer", device="cpu")
