@@ -54,6 +54,9 @@ TISSUE_LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
 TEMPLATE_MAX_VALUE = 255.0
 #: Fewest slabs (subjects) we aim for, so 5-fold cross-validation grouped by subject works.
 MIN_SLABS = 5
+#: Default slab thickness (slices) of a 3D case: deep enough for a 3D patch to see anatomy in
+#: depth (32 mm at 2 mm); 3D mode therefore gives fewer than MIN_SLABS cases at 2 mm.
+DEFAULT_3D_SLAB_SIZE = 16
 CONVERSION_RECORD = "mni152_conversion.json"
 # NIfTI stores RAS world coordinates, ITK/SimpleITK LPS: x and y change sign.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -427,7 +430,8 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     tissue maps (background, CSF, GM, WM; :func:`tissue_label_map`). ``file_ending`` ``.png``
     (2D only) stores the 8-bit values (lossless at 1 mm, rounded at 2 mm). The folder is built
     under a temporary name and moved into place, replacing an earlier conversion of the same name.
-    See :func:`plan_slice_split` for the slice rules; the chosen indices go to ``mni152_conversion.json``.
+    See :func:`plan_slice_split` for the slice rules (``mode="3d"``: ``slab_size`` defaults to
+    ``DEFAULT_3D_SLAB_SIZE``); the chosen indices go to ``mni152_conversion.json``.
     """
     if mode not in MODES:
         raise NnDiffError(f"unknown mode {mode!r}; use one of {list(MODES)}")
@@ -443,6 +447,8 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     raw_root = Path(raw_root)
     folder_name = f"Dataset{int(dataset_id):03d}_{name or dataset_name(mode, axis, family)}"
     _check_no_other_dataset_with_id(raw_root, int(dataset_id), folder_name)
+    if mode == "3d" and slab_size is None:
+        slab_size = DEFAULT_3D_SLAB_SIZE
     vol = load_mni152(resolution)
     split = plan_slice_split(vol.brain, axis, gap, heldout_fraction, min_brain_fraction,
                              heldout_position, slab_size)
@@ -502,7 +508,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_position", choices=("center", "end"), default="center")
     p.add_argument("--min_brain_fraction", type=float, default=0.1,
                    help="skip slices whose brain area is below this fraction of the largest slice's")
-    p.add_argument("--slab_size", type=int, default=None, help="slices per training slab (subject)")
+    p.add_argument("--slab_size", type=int, default=None, help="slices per training slab (subject); default: 2d_slices --gap "
+                   "(fewer if that gives < 5 slabs), 3d 16")
     p.add_argument("--file_ending", choices=FILE_ENDINGS, default=".nii.gz")
     p.add_argument("--name", default=None, help="dataset name (default e.g. MNI152Axial2D)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
