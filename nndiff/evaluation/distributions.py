@@ -7,6 +7,7 @@ medical images and a domain model is the user's choice. Without one those metric
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Union
 
@@ -70,8 +71,10 @@ def intensity_wasserstein(
 
 
 # --------------------------------------------------------------------------- feature extraction
-def load_feature_extractor(path: Union[str, Path]) -> torch.jit.ScriptModule:
-    """Load a TorchScript feature extractor on the CPU in eval mode.
+def load_feature_extractor(path: Union[str, Path]) -> FeatureExtractor:
+    """Load a feature extractor on the CPU: TorchScript (``torch.jit.load``) or, for a ``.pt2``
+    file, a ``torch.export`` program (TorchScript is deprecated in recent PyTorch; export is its
+    successor; export it with a dynamic batch dimension).
 
     The model takes a float32 batch ``(B, C, *spatial)`` in original intensity units (rescale
     inside the model if it expects another range) and returns ``(B, F)`` features (extra axes
@@ -81,12 +84,26 @@ def load_feature_extractor(path: Union[str, Path]) -> torch.jit.ScriptModule:
     if not path.is_file():
         raise NnDiffError(f"feature extractor {path} does not exist. Fix: pass a TorchScript file "
                           "saved with torch.jit.save(torch.jit.script(model), path)")
+    if path.suffix == ".pt2":
+        return _load_exported(path)
     try:
-        model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # The user chose TorchScript; its deprecation notice is not actionable here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as error:
         raise NnDiffError(f"{path} is not a TorchScript model ({error}). Fix: save it with "
                           "torch.jit.save(torch.jit.script(model), path)") from error
     return model.eval()
+
+
+def _load_exported(path: Path) -> FeatureExtractor:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # torch raises several types for a bad archive
+        raise NnDiffError(f"{path} is not a torch.export program ({error}). Fix: save it with "
+                          "torch.export.save(torch.export.export(model, args), path)") from error
+    return program.module()
 
 
 def extract_features(
