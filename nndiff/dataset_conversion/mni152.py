@@ -181,9 +181,9 @@ def load_mni152(resolution: int = 1) -> Mni152Volumes:
 
 def template_source_files() -> dict[str, str]:
     """Paths of the template files inside the installed nilearn package (proof: no download)."""
+    _nilearn()  # the clear error first, if nilearn is missing
     from nilearn.datasets import struct  # noqa: PLC0415  (lazy, see _nilearn)
 
-    _nilearn()
     return {"t1": str(struct.MNI152_FILE_PATH), "gm": str(struct.GM_MNI152_FILE_PATH),
             "wm": str(struct.WM_MNI152_FILE_PATH)}
 
