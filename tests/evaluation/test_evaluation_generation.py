@@ -1,0 +1,87 @@
+"""evaluate_generation: the assembled, JSON-serialisable summary."""
+import json
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation_helpers import smooth_images
+from nndiff.evaluation import evaluate_generation
+
+
+class MeanStdFeatures(torch.nn.Module):
+    """Per-channel mean and standard deviation: a tiny, shape-agnostic feature extractor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        return torch.cat([flat.mean(2), flat.std(2)], dim=1)
+
+
+@pytest.fixture
+def extractor_path(tmp_path):
+    path = tmp_path / "features.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(MeanStdFeatures()), str(path))
+    return path
+
+
+def test_full_summary_2d_is_json_and_consistent(rng, extractor_path):
+    training = smooth_images(rng, 30, (24, 24), offset=-200.0)
+    real = smooth_images(rng, 6, (24, 24), offset=-200.0)
+    samples = np.concatenate([training[:2], smooth_images(rng, 6, (24, 24), offset=-100.0)])
+    summary = evaluate_generation(samples[:, :, None], real, training, str(extractor_path))
+    text = json.dumps(summary, allow_nan=False)
+    assert json.loads(text) == summary
+    assert summary["spatial_dims"] == 2  # (N, C, 1, Y, X) is the 2D layout
+    assert (summary["num_samples"], summary["num_real_heldout"], summary["num_training"]) == (8, 6, 30)
+    assert summary["skipped"] == {}
+    assert summary["data_range"] == pytest.approx(float(np.ptp(np.concatenate([real, training]))))
+    # Six of eight samples are shifted by +100: W1 ≈ 75 give or take the sets' own differences.
+    assert 50 < summary["intensity_wasserstein1"]["mean"] < 100
+    assert summary["frechet_distance"] > 0 and summary["kernel_distance"]["mean"] > 0
+    assert summary["memorization"]["near_copy_indices"] == [0, 1]
+    assert summary["memorization"]["near_copy_rate"] == pytest.approx(0.25)
+    for key in ("samples", "real_heldout"):
+        assert 0 <= summary["ms_ssim_diversity"][key]["mean"] < 1
+
+
+def test_identical_sets_give_zero_distances(rng, extractor_path):
+    real = smooth_images(rng, 5, (16, 16))
+    summary = evaluate_generation(real, real, None, extractor_path)
+    assert summary["intensity_wasserstein1"]["mean"] == 0.0
+    assert abs(summary["frechet_distance"]) < 1e-6
+    assert summary["memorization"] is None and "memorization" in summary["skipped"]
+    assert summary["ms_ssim_diversity"]["samples"] == summary["ms_ssim_diversity"]["real_heldout"]
+
+
+def test_without_extractor_feature_metrics_are_skipped_with_message(rng, caplog):
+    images = smooth_images(rng, 3, (16, 16))
+    with caplog.at_level(logging.INFO, logger="nndiff.evaluation"):
+        summary = evaluate_generation(images, images, images)
+    assert summary["frechet_distance"] is None and summary["kernel_distance"] is None
+    assert "feature extractor" in summary["skipped"]["frechet_distance"]
+    assert "skipped frechet_distance" in caplog.text
+    assert summary["memorization"]["near_copy_rate"] == 1.0
+
+
+def test_3d_with_heldout_cases_of_different_shapes(rng, extractor_path):
+    samples = smooth_images(rng, 3, (12, 12, 12))
+    real = [smooth_images(rng, 1, (12, 14, 12))[0], smooth_images(rng, 1, (13, 12, 12))[0]]
+    summary = evaluate_generation(samples, real, samples[:2], extractor_path)
+    assert summary["spatial_dims"] == 3
+    assert summary["ms_ssim_diversity"]["real_heldout"] is None
+    assert "differ in shape" in summary["skipped"]["ms_ssim_diversity.real_heldout"]
+    assert summary["ms_ssim_diversity"]["samples"]["num_pairs"] == 3
+    assert summary["frechet_distance"] is not None
+    assert summary["memorization"]["near_copy_indices"] == [0, 1]
+    json.dumps(summary, allow_nan=False)
+
+
+def test_bad_inputs_are_named(rng):
+    with pytest.raises(ValueError, match=r"samples\[0\]"):
+        evaluate_generation([np.zeros((4, 4))], smooth_images(rng, 2, (16, 16)))
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate_generation([], smooth_images(rng, 2, (16, 16)))
