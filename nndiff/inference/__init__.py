@@ -4,6 +4,7 @@ mean/std. Families subclass :class:`Predictor`."""
 from nndiff.inference.files import InputCase, find_input_cases, monte_carlo_summary, write_output
 from nndiff.inference.model_folder import locate_plans_and_dataset_json, parse_model_folder_name
 from nndiff.inference.predictor import PreparedCase, Predictor, seed_for
+from nndiff.inference.sliding_window import sliding_window, sliding_window_model
 
 __all__ = [
     "InputCase",
@@ -14,5 +15,7 @@ __all__ = [
     "monte_carlo_summary",
     "parse_model_folder_name",
     "seed_for",
+    "sliding_window",
+    "sliding_window_model",
     "write_output",
 ]

@@ -299,3 +299,14 @@ def test_from_trained_finds_the_model_by_dataset_trainer_and_configuration(setup
     assert predictor.configuration_name == "3d_fullres"
     with pytest.raises(NnDiffError, match="no trained model .*present: GenerationTrainer__nnDiffPlans__2d"):
         EchoPredictor.from_trained("Dataset003", "3d_lowres", paths, trainer="GenerationTrainer", device="cpu")
+
+
+def test_windowed_model_fn_matches_the_network_on_a_patch_and_covers_larger_inputs(setup):
+    predictor = _load(setup, "3d_fullres")
+    x = torch.randn(1, 1, 12, 20, 24, generator=torch.Generator().manual_seed(0))  # the patch size
+    t = torch.full((1,), 500.0)
+    with torch.no_grad():
+        torch.testing.assert_close(predictor.windowed_model_fn()(x, t, None), predictor.model_fn()(x, t, None))
+        big = torch.randn(1, 1, 14, 30, 24, generator=torch.Generator().manual_seed(1))
+        out = predictor.windowed_model_fn()(big, t, None)
+    assert out.shape == big.shape and torch.isfinite(out).all()
