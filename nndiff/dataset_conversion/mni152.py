@@ -302,8 +302,8 @@ def _take(volume: np.ndarray, axis: int, indices: Sequence[int]) -> np.ndarray:
 
 
 def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """Slice ``index`` along ``axis`` as ``(1, A, B)``: the in-plane axes keep their array order."""
-    return np.moveaxis(np.take(volume, [index], axis=axis), axis, 0)
+    """Slice ``index`` along ``axis`` as ``(1, A, B)``, rows (A) flipped: see :func:`slice_properties`."""
+    return np.moveaxis(np.take(volume, [index], axis=axis), axis, 0)[:, ::-1, :]
 
 
 def sub_volume_properties(props: ImageProperties, axis: int, first: int, count: int) -> ImageProperties:
@@ -324,10 +324,14 @@ def sub_volume_properties(props: ImageProperties, axis: int, first: int, count: 
 
 
 def slice_properties(props: ImageProperties, axis: int, index: int) -> ImageProperties:
-    """2D geometry of slice ``index`` along array ``axis``: in-plane spacing, origin and direction.
+    """2D geometry of slice ``index`` along array ``axis`` with its rows flipped (:func:`_slice`).
 
-    Keeps the two in-plane SimpleITK axes of the 3D origin (moved to the slice) and the 2x2 block
-    of the direction; the template's direction is diagonal, so that block is a valid 2D direction.
+    The template's rows run posterior->anterior (axial) or inferior->superior (coronal,
+    sagittal), so images and sample grids would show brains upside down; the slices are stored
+    with the rows reversed (anterior / superior at the top) and the geometry follows, so every
+    pixel keeps its world position: the origin moves to the old last row and the row direction
+    changes sign. In-plane origin and 2x2 direction block come from the 3D geometry (the
+    template's direction is diagonal, so the block is a valid 2D direction).
     """
     moved = sub_volume_properties(props, axis, index, 1)
     in_plane_array_axes = [a for a in range(3) if a != axis]
@@ -335,7 +339,11 @@ def slice_properties(props: ImageProperties, axis: int, index: int) -> ImageProp
     direction = np.asarray(props.direction).reshape(3, 3)[np.ix_(in_plane_sitk, in_plane_sitk)]
     spacing = (999.0,) + tuple(props.spacing[a] for a in in_plane_array_axes)
     shape = (1,) + tuple(props.shape[a] for a in in_plane_array_axes)
-    return ImageProperties(spacing=spacing, origin=tuple(moved.origin[i] for i in in_plane_sitk),  # type: ignore[arg-type]
+    origin = np.asarray([moved.origin[i] for i in in_plane_sitk])
+    # Flip the 2D y axis (array rows): the first row is now the old last one.
+    origin = origin + direction[:, 1] * spacing[1] * (shape[1] - 1)
+    direction[:, 1] *= -1.0
+    return ImageProperties(spacing=spacing, origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
                            direction=tuple(float(v) for v in direction.ravel()), spatial_dims=2,
                            shape=shape)  # type: ignore[arg-type]
 

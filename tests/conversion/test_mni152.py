@@ -100,7 +100,7 @@ def test_heldout_slab_is_contiguous_and_separated_by_the_gap(axial_2d, volumes_2
     for case_id, case in list(dataset.test_cases.items())[:2] + list(dataset.cases.items())[:2]:
         index = int(_SLICE_ID.match(case_id).group(1))
         image, _ = read_images(case.images)
-        np.testing.assert_allclose(image[0, 0], volumes_2mm.t1[index], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(image[0, 0], volumes_2mm.t1[index, ::-1], rtol=0, atol=1e-4)
         # Skipped slices hold little brain; kept ones at least 10 % of the largest slice's area.
         area = volumes_2mm.brain.sum(axis=(1, 2))
         assert area[index] >= 0.1 * area.max()
@@ -114,10 +114,23 @@ def test_2d_slice_geometry_is_preserved(axial_2d, volumes_2mm):
     assert props.spatial_dims == 2
     assert props.spacing == pytest.approx((999.0, 2.0, 2.0))
     assert image.shape == (1, 1, 117, 99)
-    # In-plane origin and direction of the slice are the volume's (RAS -> LPS: x, y negated).
-    assert props.origin == pytest.approx((98.0, 134.0))
-    assert props.direction == pytest.approx((-1.0, 0.0, 0.0, -1.0))
-    assert index > 0
+    # Rows flipped for display (anterior up); every pixel keeps its world (x, y) position.
+    assert props.direction == pytest.approx((-1.0, 0.0, 0.0, 1.0))
+    volume = _sitk_volume(volumes_2mm)
+    written = sitk.ReadImage(str(dataset.cases[case_id].images[0]))
+    for row, col in ((0, 0), (116, 98), (40, 7)):
+        world = volume.TransformIndexToPhysicalPoint((col, 116 - row, index))
+        assert written.TransformIndexToPhysicalPoint((col, row)) == pytest.approx(world[:2])
+        assert image[0, 0, row, col] == pytest.approx(volumes_2mm.t1[index, 116 - row, col], abs=1e-4)
+
+
+def _sitk_volume(vol) -> sitk.Image:
+    """The whole template grid as a SimpleITK image (for index -> world comparisons)."""
+    image = sitk.GetImageFromArray(np.zeros(vol.properties.shape, np.float32))
+    image.SetSpacing(vol.properties.sitk_spacing())
+    image.SetOrigin(vol.properties.origin)
+    image.SetDirection(vol.properties.direction)
+    return image
 
 
 def test_nifti_geometry_matches_simpleitk_on_the_template_file(volumes_2mm):
@@ -145,10 +158,7 @@ def test_3d_segmentation_dataset(tmp_path, volumes_2mm):
     assert all(len(slab) <= mni152.DEFAULT_3D_SLAB_SIZE for slab in record["slices"]["train_slabs"])
     assert len(dataset.test_cases) == 1
     seen: set[int] = set()
-    full = sitk.GetImageFromArray(np.zeros((95, 117, 99), np.float32))
-    full.SetSpacing((2.0, 2.0, 2.0))
-    full.SetOrigin(volumes_2mm.properties.origin)
-    full.SetDirection(volumes_2mm.properties.direction)
+    full = _sitk_volume(volumes_2mm)
     for case_id, case in dataset.cases.items():
         slices = record["cases"][case_id]["slices"]
         image, props = read_images(case.images)
@@ -179,7 +189,7 @@ def test_png_slices_store_rounded_8bit_values(tmp_path, volumes_2mm):
     image, props = read_images(case.images)
     assert props.spacing == pytest.approx((999.0, 2.0, 2.0))  # from the sidecar
     assert image.shape == (1, 1, 95, 117)  # (Z, Y) of the sagittal plane
-    np.testing.assert_array_equal(image[0, 0], np.round(volumes_2mm.t1[:, :, index]))
+    np.testing.assert_array_equal(image[0, 0], np.round(volumes_2mm.t1[::-1, :, index]))  # superior up
     # "end": the held-out slab is the last kept slab, one gap before it.
     record = load_json(folder / CONVERSION_RECORD)["slices"]
     assert max(s for slab in record["train_slabs"] for s in slab) < min(record["heldout"])
