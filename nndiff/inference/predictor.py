@@ -59,6 +59,19 @@ class PreparedCase:
     case_json: dict
 
 
+def inference_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of network calls: CPU always float32 (None); CUDA ``auto`` uses bfloat16
+    where supported (its range equals float32's, so no overflow), else float32; ``bf16`` /
+    ``fp16`` force a dtype on CUDA, ``fp32`` turns autocast off."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise NnDiffError(f"unknown precision {precision!r}. Fix: use auto, fp32, bf16 or fp16")
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def seed_for(seed: int, identifier: str) -> int:
     """The generator seed of one case or sample: a function of ``(seed, identifier)`` only, so a
     case gets the same noise whatever else is in the input folder and in whatever order."""
@@ -79,6 +92,7 @@ class Predictor:
     batch_size: samples (generation) or slices (2D configurations) per network call; default the
         configuration's ``batch_size``.
     sampler / num_steps: override the plan's sampler and step count (``None``: as planned).
+    precision: ``auto`` (bf16 autocast on CUDA where supported, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
     """
 
     #: What the family's output is (``invert_case`` kind): image channels, target channels or a label map.
@@ -87,7 +101,7 @@ class Predictor:
     def __init__(self, plans: dict, configuration: str, dataset_json: dict, networks: Sequence[nn.Module] = (),
                  *, device: str | torch.device = "auto", batch_size: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None,
-                 model_info: dict[str, Any] | None = None) -> None:
+                 model_info: dict[str, Any] | None = None, precision: str = "auto") -> None:
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.plans = plans
@@ -100,6 +114,7 @@ class Predictor:
         self.sampler_name = sampler
         self.num_steps = num_steps
         self.model_info = dict(model_info or {})
+        self.autocast_dtype = inference_autocast_dtype(precision, self.device)
         self.file_ending = str(dataset_json.get("file_ending", ".nii.gz"))
         self.num_input_channels = len(dataset_json.get("channel_names") or dataset_json.get("modality") or {})
 
@@ -209,13 +224,17 @@ class Predictor:
 
     def model_fn(self) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
         """``model(x, t, cond)`` averaging the fold networks' outputs (``cond``: None or a dict of
-        network keyword arguments such as ``cond_image``, ``class_labels``)."""
+        network keyword arguments such as ``cond_image``, ``class_labels``). Runs under autocast
+        with :attr:`autocast_dtype` and returns float32, so samplers integrate in float32."""
         if not self.networks:
             raise NnDiffError("this predictor holds no network. Fix: load it with from_model_folder")
 
+        dtype = self.autocast_dtype
+
         def model(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
             kwargs = dict(cond or {})
-            outputs = [net(x, t, **kwargs) for net in self.networks]
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs = [net(x, t, **kwargs).float() for net in self.networks]
             return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
 
         return model
@@ -379,6 +398,7 @@ class Predictor:
     # ------------------------------------------------------------------------------------------
     def _write_info(self, output_dir: Path, seed: int, extra: dict[str, Any]) -> None:
         info = {**self.model_info, "predictor": type(self).__name__, "configuration": self.configuration_name,
-                "seed": seed, "device": str(self.device), "sampler": self.sampler_name,
+                "seed": seed, "device": str(self.device),
+                "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32", "sampler": self.sampler_name,
                 "num_steps": self.num_steps, **extra}
         save_json(info, Path(output_dir) / PREDICTION_INFO)

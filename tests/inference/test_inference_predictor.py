@@ -310,3 +310,14 @@ def test_windowed_model_fn_matches_the_network_on_a_patch_and_covers_larger_inpu
         big = torch.randn(1, 1, 14, 30, 24, generator=torch.Generator().manual_seed(1))
         out = predictor.windowed_model_fn()(big, t, None)
     assert out.shape == big.shape and torch.isfinite(out).all()
+
+
+def test_precision_is_fp32_on_cpu_and_unknown_values_are_refused():
+    from nndiff.inference.predictor import inference_autocast_dtype
+
+    for precision in ("auto", "fp32", "bf16", "fp16"):
+        assert inference_autocast_dtype(precision, torch.device("cpu")) is None
+    assert inference_autocast_dtype("fp32", torch.device("cuda", 0)) is None
+    assert inference_autocast_dtype("fp16", torch.device("cuda", 0)) is torch.float16
+    with pytest.raises(NnDiffError, match="unknown precision"):
+        inference_autocast_dtype("half", torch.device("cpu"))
