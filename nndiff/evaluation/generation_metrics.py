@@ -80,6 +80,20 @@ def _memorization(samples: list[np.ndarray], training: list[np.ndarray] | None, 
     return result.to_json()
 
 
+def _memorization_reference(real: list[np.ndarray], training: list[np.ndarray] | None, data_range: float,
+                            threshold: float, candidates: int | None) -> dict | None:
+    """The same check for held-out real images: how close unseen real data comes to training.
+
+    A sample set much closer to training than this reference suggests copying even below the
+    near-copy threshold. ``None`` when the shapes do not allow it (no reason logged: optional).
+    """
+    if not training or len({image.shape for image in real + training}) != 1 or min(real[0].shape[1:]) < 11:
+        return None
+    result = memorization_check(np.stack(real), np.stack(training), data_range, threshold, candidates)
+    return {"mean_nearest_ssim": result.mean_nearest_ssim, "max_ssim": result.max_ssim,
+            "near_copy_rate": result.near_copy_rate}
+
+
 def _finite(value):
     """Replace non-finite floats by ``None`` recursively (JSON has no NaN)."""
     if isinstance(value, dict):
@@ -117,7 +131,8 @@ def evaluate_generation(
 
     Returns a JSON-serialisable dict: counts, ``data_range``, ``intensity_wasserstein1``
     (per channel + mean), ``ms_ssim_diversity`` for ``samples`` and, as a reference, ``real_heldout``,
-    ``frechet_distance``, ``kernel_distance``, ``memorization`` and ``skipped`` (metric -> reason).
+    ``frechet_distance``, ``kernel_distance``, ``memorization``, ``memorization_reference_real``
+    (the same check for held-out real images) and ``skipped`` (metric -> reason).
     """
     gen = as_image_list(samples, "samples")
     real = as_image_list(real_heldout, "real_heldout")
@@ -143,6 +158,8 @@ def evaluate_generation(
         "kernel_distance": kid,
         "memorization": _memorization(gen, train, data_range, near_copy_threshold,
                                       memorization_candidates, skipped),
+        "memorization_reference_real": _memorization_reference(real, train, data_range, near_copy_threshold,
+                                                               memorization_candidates),
         "skipped": skipped,
     }
     for metric, reason in skipped.items():

@@ -44,6 +44,9 @@ def test_full_summary_2d_is_json_and_consistent(rng, extractor_path):
     assert summary["frechet_distance"] > 0 and summary["kernel_distance"]["mean"] > 0
     assert summary["memorization"]["near_copy_indices"] == [0, 1]
     assert summary["memorization"]["near_copy_rate"] == pytest.approx(0.25)
+    reference = summary["memorization_reference_real"]
+    assert reference["near_copy_rate"] == 0.0  # independent real images copy nothing
+    assert reference["mean_nearest_ssim"] < summary["memorization"]["mean_nearest_ssim"]
     for key in ("samples", "real_heldout"):
         assert 0 <= summary["ms_ssim_diversity"][key]["mean"] < 1
 
@@ -77,6 +80,7 @@ def test_3d_with_heldout_cases_of_different_shapes(rng, extractor_path):
     assert summary["ms_ssim_diversity"]["samples"]["num_pairs"] == 3
     assert summary["frechet_distance"] is not None
     assert summary["memorization"]["near_copy_indices"] == [0, 1]
+    assert summary["memorization_reference_real"] is None  # held-out shapes differ from training
     json.dumps(summary, allow_nan=False)
 
 
