@@ -166,8 +166,9 @@ def load_mni152(resolution: int = 1) -> Mni152Volumes:
     mask_img = datasets.load_mni152_brain_mask(resolution=resolution)
     spacing, origin, direction = nifti_geometry(t1_img.affine)
     t1 = _to_zyx(t1_img) * np.float32(TEMPLATE_MAX_VALUE)
-    properties = ImageProperties(spacing=spacing, origin=origin, direction=direction,  # type: ignore[arg-type]
-                                 spatial_dims=3, shape=tuple(int(v) for v in t1.shape))  # type: ignore[arg-type]
+    shape = tuple(int(v) for v in t1.shape)
+    properties = ImageProperties(spacing=spacing, origin=origin,  # type: ignore[arg-type]
+                                 direction=direction, spatial_dims=3, shape=shape)  # type: ignore[arg-type]
     arrays = {
         "t1": np.clip(t1, 0.0, TEMPLATE_MAX_VALUE),  # resampling overshoot would leave tiny negatives
         "gm": np.clip(_to_zyx(gm_img), 0.0, 1.0),
@@ -371,9 +372,11 @@ def _write_case(folder: Path, split: str, case_id: str, image: np.ndarray, label
                 props: ImageProperties, file_ending: str) -> None:
     """Write one case: image ``images{split}/{case}_0000`` and, if given, ``labels{split}/{case}``."""
     image_props = replace(props, dtype="uint8" if file_ending == ".png" else "float32")
-    write_image(image[None].astype(np.float32), image_props, folder / f"images{split}" / f"{case_id}_0000{file_ending}")
+    image_path = folder / f"images{split}" / f"{case_id}_0000{file_ending}"
+    write_image(image[None].astype(np.float32), image_props, image_path)
     if label is not None:
-        write_image(label[None].astype(np.uint8), props, folder / f"labels{split}" / f"{case_id}{file_ending}")
+        label_path = folder / f"labels{split}" / f"{case_id}{file_ending}"
+        write_image(label[None].astype(np.uint8), props, label_path)
 
 
 def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None) -> list[dict[str, Any]]:
@@ -516,7 +519,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_position", choices=("center", "end"), default="center")
     p.add_argument("--min_brain_fraction", type=float, default=0.1,
                    help="skip slices whose brain area is below this fraction of the largest slice's")
-    p.add_argument("--slab_size", type=int, default=None, help="slices per training slab (subject); default: 2d_slices --gap "
+    p.add_argument("--slab_size", type=int, default=None,
+                   help="slices per training slab (subject); default: 2d_slices --gap "
                    "(fewer if that gives < 5 slabs), 3d 16")
     p.add_argument("--file_ending", choices=FILE_ENDINGS, default=".nii.gz")
     p.add_argument("--name", default=None, help="dataset name (default e.g. MNI152Axial2D)")
