@@ -45,6 +45,9 @@ DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 PREDICTION_INFO = "prediction_info.json"
 #: What an output is, for the inverse mapping (``invert_case``'s ``kind``).
 OUTPUT_KINDS = ("data", "target", "seg")
+#: Checkpoint entries a predictor does not keep (weights are in the networks; the rest is resume state).
+HEAVY_CHECKPOINT_KEYS = ("network_weights", "ema_weights", "optimizer_state", "grad_scaler_state",
+                         "rng_state", "epoch_accumulator")
 #: Generated samples are named ``sample_0000`` ...
 SAMPLE_PREFIX = "sample"
 
@@ -93,6 +96,9 @@ class Predictor:
         configuration's ``batch_size``.
     sampler / num_steps: override the plan's sampler and step count (``None``: as planned).
     precision: ``auto`` (bf16 autocast on CUDA where supported, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+    checkpoint_states: per fold, the checkpoint without weights and resume state (``trainer_class``,
+        ``iteration``, ``extra`` = the family trainer's ``checkpoint_extra_state()``, ...), so a
+        family predictor can restore what its trainer stored (e.g. the condition encoding).
     """
 
     #: What the family's output is (``invert_case`` kind): image channels, target channels or a label map.
@@ -101,7 +107,8 @@ class Predictor:
     def __init__(self, plans: dict, configuration: str, dataset_json: dict, networks: Sequence[nn.Module] = (),
                  *, device: str | torch.device = "auto", batch_size: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None,
-                 model_info: dict[str, Any] | None = None, precision: str = "auto") -> None:
+                 model_info: dict[str, Any] | None = None, precision: str = "auto",
+                 checkpoint_states: Sequence[dict[str, Any]] = ()) -> None:
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.plans = plans
@@ -114,6 +121,7 @@ class Predictor:
         self.sampler_name = sampler
         self.num_steps = num_steps
         self.model_info = dict(model_info or {})
+        self.checkpoint_states = [dict(state) for state in checkpoint_states]
         self.autocast_dtype = inference_autocast_dtype(precision, self.device)
         self.file_ending = str(dataset_json.get("file_ending", ".nii.gz"))
         self.num_input_channels = len(dataset_json.get("channel_names") or dataset_json.get("modality") or {})
@@ -153,17 +161,19 @@ class Predictor:
                               f"{model_dir.name}). Fix: use the plans the model was trained with")
         configuration = resolve_configuration(plans, name.configuration)
         target = resolve_device(device)
-        networks = []
+        networks, states = [], []
         paths = [d / checkpoint for d in fold_dirs(model_dir, folds)]
         for path in paths:
-            weights, _ = checked_weights(path, plans, name.configuration, use_ema, map_location="cpu")
+            weights, state = checked_weights(path, plans, name.configuration, use_ema, map_location="cpu")
             networks.append(load_network(lambda: cls.build_network(configuration), weights, path, target))
+            states.append({k: v for k, v in state.items() if k not in HEAVY_CHECKPOINT_KEYS})
         info = {"model_dir": str(model_dir), "trainer": name.trainer, "plans_name": name.plans_name,
                 "configuration": name.configuration, "checkpoints": [str(p) for p in paths],
                 "use_ema": use_ema, "plans_file": str(plans_file)}
         logger.info("loaded %d fold(s) of %s from %s (%s weights)", len(networks), name.configuration,
                     model_dir, "EMA" if use_ema else "raw")
-        return cls(plans, name.configuration, dataset_json, networks, device=target, model_info=info, **kwargs)
+        return cls(plans, name.configuration, dataset_json, networks, device=target, model_info=info,
+                   checkpoint_states=states, **kwargs)
 
     @classmethod
     def from_trained(cls, dataset: str | int, configuration: str, paths: Paths, *, trainer: str,

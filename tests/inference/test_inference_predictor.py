@@ -290,6 +290,9 @@ def test_loads_a_checkpoint_written_by_a_trainer_run(setup, tmp_path):
     loaded = predictor.networks[0].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
     assert predictor.model_info["trainer"] == "_UNetTrainer"
+    state = predictor.checkpoint_states[0]
+    assert state["trainer_class"] == "_UNetTrainer" and state["iteration"] == 2
+    assert "ema_weights" not in state and "optimizer_state" not in state and "extra" in state
 
 
 def test_from_trained_finds_the_model_by_dataset_trainer_and_configuration(setup):
