@@ -6,7 +6,6 @@ medical images and a domain model is the user's choice. Without one those metric
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Callable, Union
@@ -16,8 +15,6 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from nndiff.errors import NnDiffError
-
-logger = logging.getLogger(__name__)
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,6 +103,17 @@ def _load_exported(path: Path) -> FeatureExtractor:
     return program.module()
 
 
+def _same_shape_run_end(images: list[np.ndarray], start: int, limit: int) -> int:
+    """End of the run of consecutive images shaped like ``images[start]`` (at most ``limit``).
+
+    Held-out 3D cases may differ in size, so only same-shape neighbours share a batch.
+    """
+    stop = start + 1
+    while stop < len(images) and stop - start < limit and images[stop].shape == images[start].shape:
+        stop += 1
+    return stop
+
+
 def extract_features(
     extractor: FeatureExtractor, images: list[np.ndarray], batch_size: int = 32
 ) -> np.ndarray:
@@ -114,10 +122,7 @@ def extract_features(
     with torch.no_grad():
         start = 0
         while start < len(images):
-            # Batch consecutive images of one shape (held-out 3D cases may differ in size).
-            stop = start + 1
-            while stop < len(images) and stop - start < batch_size and images[stop].shape == images[start].shape:
-                stop += 1
+            stop = _same_shape_run_end(images, start, batch_size)
             batch = torch.as_tensor(np.stack(images[start:stop]), dtype=torch.float32)
             output = extractor(batch)
             features.append(output.reshape(output.shape[0], -1).double().numpy())
