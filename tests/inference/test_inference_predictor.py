@@ -25,7 +25,7 @@ from nndiff.networks import build_network
 from nndiff.paths import Paths
 from nndiff.planning import resolve_configuration
 from nndiff.training import Trainer
-from nndiff.utils.files import save_json
+from nndiff.utils.files import load_json, save_json
 
 CASES = ["case_000", "case_001"]
 CONFIGURATIONS = ["2d", "3d_fullres"]
@@ -324,3 +324,33 @@ def test_precision_is_fp32_on_cpu_and_unknown_values_are_refused():
     assert inference_autocast_dtype("fp16", torch.device("cuda", 0)) is torch.float16
     with pytest.raises(NnDiffError, match="unknown precision"):
         inference_autocast_dtype("half", torch.device("cpu"))
+
+
+def test_png_dataset_round_trip_and_generated_png(tmp_path):
+    """2D data (PNG, uint8, dataset-percentile window): outputs are 2D PNGs in 0..255 units."""
+    from nndiff.dataset.examples import make_example_dataset
+    from nndiff.run.plan_and_preprocess import plan_and_preprocess_entry
+    from inference_helpers import TINY_NETWORK
+
+    raw = make_example_dataset("2d_grey_png", tmp_path / "raw", 1, seed=1, num_cases=5)
+    assert plan_and_preprocess_entry(["-d", "1", "--raw", str(tmp_path / "raw"),
+                                      "--preprocessed", str(tmp_path / "pre"), "-q"]) == 0
+    pre = tmp_path / "pre" / raw.name
+    plans = load_json(pre / "nnDiffPlans.json")
+    plans["configurations"]["2d"]["network"].update(TINY_NETWORK)
+    save_json(plans, pre / "nnDiffPlans.json")
+    model_dir = model_dir_for(tmp_path / "results", pre.name, "2d")
+    write_checkpoint(model_dir, plans, "2d")
+    predictor = EchoPredictor.from_model_folder(model_dir, device="cpu", preprocessed_dir=pre)
+    inputs = copy_inputs(raw, tmp_path / "in", ["case_000"])
+    [written] = predictor.predict_from_folder(inputs, tmp_path / "out")
+    assert written.name == "case_000.png"
+    original, props_in = read_images([inputs / "case_000_0000.png"])
+    output, props_out = read_images([written])
+    lo, hi = _window(plans)
+    assert props_out.spatial_dims == 2 and props_out.dtype == "uint8" and output.shape == original.shape
+    assert np.abs(output - np.clip(original.astype(np.float64), lo, hi)).max() <= 0.5 + 1e-3  # uint8 rounding
+    [sample] = predictor.generate_to_folder(tmp_path / "gen", 1)
+    array, props = read_images([sample])
+    assert sample.name == "sample_0000.png" and props.spatial_dims == 2 and array.shape == (1, 1, 32, 32)
+    assert lo - 0.5 <= array.min() and array.max() <= hi + 0.5
