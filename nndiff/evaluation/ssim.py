@@ -10,6 +10,7 @@ so intensities in original units (e.g. HU) cannot be re-centred to save float32 
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -24,6 +25,7 @@ K1 = 0.01
 K2 = 0.03
 
 
+@functools.lru_cache(maxsize=8)
 def gaussian_window_1d(win_size: int, sigma: float) -> torch.Tensor:
     """Normalised 1D Gaussian of odd length ``win_size`` (float64)."""
     if win_size < 1 or win_size % 2 == 0:
@@ -33,8 +35,12 @@ def gaussian_window_1d(win_size: int, sigma: float) -> torch.Tensor:
     return window / window.sum()
 
 
+@functools.lru_cache(maxsize=32)
 def _band_matrix(size: int, window: torch.Tensor) -> torch.Tensor:
-    """``(size - k + 1, size)`` matrix whose rows are the window shifted by one: a 'valid' filter."""
+    """``(size - k + 1, size)`` matrix whose rows are the window shifted by one: a 'valid' filter.
+
+    Cached: the same few sizes recur for every chunk of image pairs.
+    """
     k = window.numel()
     rows = size - k + 1
     matrix = torch.zeros(rows, size, dtype=window.dtype)
