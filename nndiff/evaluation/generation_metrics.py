@@ -66,6 +66,7 @@ def _feature_metrics(extractor: Union[FeatureExtractor, str, Path, None], sample
 
 def _memorization(samples: list[np.ndarray], training: list[np.ndarray] | None, data_range: float,
                   threshold: float, candidates: int | None, skipped: dict[str, str]) -> dict | None:
+    """The memorization check as a dict, or ``None`` with the reason recorded in ``skipped``."""
     if not training:
         skipped["memorization"] = "no training images given"
         return None

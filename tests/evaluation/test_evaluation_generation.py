@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.stats import wasserstein_distance
 
 from evaluation_helpers import smooth_images
 from nndiff.evaluation import evaluate_generation
@@ -89,3 +90,14 @@ def test_bad_inputs_are_named(rng):
         evaluate_generation([np.zeros((4, 4))], smooth_images(rng, 2, (16, 16)))
     with pytest.raises(ValueError, match="at least one"):
         evaluate_generation([], smooth_images(rng, 2, (16, 16)))
+
+
+def test_single_sample_skips_pairwise_and_feature_metrics(rng, extractor_path):
+    real = smooth_images(rng, 3, (16, 16))
+    summary = evaluate_generation(real[:1] + 1.0, real, real, extractor_path)
+    assert summary["ms_ssim_diversity"]["samples"] is None
+    assert "fewer than two" in summary["skipped"]["ms_ssim_diversity.samples"]
+    assert summary["frechet_distance"] is None and "at least two" in summary["skipped"]["kernel_distance"]
+    expected = wasserstein_distance(real[0].ravel() + 1.0, real.ravel())
+    assert summary["intensity_wasserstein1"]["mean"] == pytest.approx(expected, rel=1e-12)
+    assert summary["memorization"]["nearest_ssim_index"] == [0]
