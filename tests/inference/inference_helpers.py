@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from nndiff.dataset.examples import make_example_dataset
-from nndiff.inference import Predictor
+from nndiff.inference import Predictor, register_predictor
 from nndiff.networks import build_network
 from nndiff.planning import resolve_configuration
 from nndiff.run.plan_and_preprocess import plan_and_preprocess_entry
@@ -85,3 +85,8 @@ class EchoPredictor(Predictor):
     def generate(self, num_samples, generator, shape):
         channels = len(self.dataset_json["channel_names"])
         return torch.rand((num_samples, channels, *shape), generator=generator, device=self.device) * 2 - 1
+
+
+#: Trainer name under which the CLI tests register EchoPredictor (no family uses it).
+ECHO_TRAINER = "EchoTrainer"
+register_predictor(trainers=(ECHO_TRAINER,))(EchoPredictor)
