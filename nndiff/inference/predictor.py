@@ -288,7 +288,9 @@ class Predictor:
         """An output on the configuration's grid back to the original grid, units and geometry."""
         from nndiff.preprocessing import invert_case
 
-        return invert_case(np.asarray(array, dtype=np.float32), case_json, self.plans,
+        # label maps are class indices (resampled per label); intensities float32
+        dtype = np.int16 if self.output_kind == "seg" else np.float32
+        return invert_case(np.asarray(array).astype(dtype), case_json, self.plans,
                            self.configuration_name, kind=self.output_kind)
 
     def predict_arrays(self, images: np.ndarray, properties: Any, identifier: str = "case",
@@ -310,6 +312,9 @@ class Predictor:
         """
         from nndiff.dataset.io import read_images
 
+        if num_mc_samples > 1 and self.output_kind == "seg":
+            raise NnDiffError("Monte-Carlo mean/std is defined for intensity outputs, not label maps. "
+                              "Fix: predict label maps with one sample")
         output_dir = Path(output_dir)
         cases = find_input_cases(input_dir, self.file_ending, self.num_input_channels)
         written: list[Path] = []

@@ -354,3 +354,26 @@ def test_png_dataset_round_trip_and_generated_png(tmp_path):
     array, props = read_images([sample])
     assert sample.name == "sample_0000.png" and props.spatial_dims == 2 and array.shape == (1, 1, 32, 32)
     assert lo - 0.5 <= array.min() and array.max() <= hi + 0.5
+
+
+class _ThresholdPredictor(EchoPredictor):
+    """Label-map family: 1 where the normalised input is positive."""
+
+    output_kind = "seg"
+
+    def predict_case(self, data, case, generator):
+        return (data[:1] > 0).to(torch.int64)
+
+
+def test_label_map_outputs_are_inverted_as_labels(setup, tmp_path):
+    predictor = _ThresholdPredictor.from_model_folder(setup["model_dirs"]["3d_fullres"], device="cpu",
+                                                      preprocessed_dir=setup["pre"])
+    [written] = predictor.predict_from_folder(setup["inputs"], tmp_path, seed=0)[:1]
+    original, props_in = read_images([setup["inputs"] / "case_000_0000.nii.gz"])
+    labels, props = read_images([written])
+    lo, hi = _window(setup["plans"])
+    assert np.array_equal(labels, (original > (lo + hi) / 2).astype(labels.dtype))
+    assert set(np.unique(labels)) == {0, 1}
+    np.testing.assert_allclose(props.direction, props_in.direction, atol=1e-6)
+    with pytest.raises(NnDiffError, match="label maps"):
+        predictor.predict_from_folder(setup["inputs"], tmp_path / "mc", num_mc_samples=2)
