@@ -30,6 +30,11 @@ setup(
             "pytest-xdist>=3.3",
             "diffusers>=0.30",  # test oracle for the schedulers (tests/diffusion)
             "opensimplex>=0.4.5",  # test oracle for simplex noise
+            "scikit-image>=0.21",  # test oracle for SSIM (tests/evaluation)
+            "nilearn>=0.10",  # ships the MNI152 template the conversion tests use
+        ],
+        "demo": [
+            "nilearn>=0.10",  # MNI152 T1 template (and GM/WM maps) inside the package, no download
         ],
     },
     entry_points={
@@ -39,6 +44,7 @@ setup(
             "nndiff_preprocess=nndiff.run.plan_and_preprocess:preprocess_entry",
             "nndiff_plan_and_preprocess=nndiff.run.plan_and_preprocess:plan_and_preprocess_entry",
             "nndiff_demo=nndiff.run.demo:main",
+            "nndiff_convert_mni152=nndiff.dataset_conversion.mni152:main",
         ],
     },
 )
