@@ -231,3 +231,58 @@ def test_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Dataset001" in out and "Dataset002" in out and "finished" in out
     assert (tmp_path / "demo" / "preprocessed").is_dir()
+
+
+def _drop_a_channel(folder: Path) -> str:
+    victim = sorted((folder / "imagesTr").glob("*_0001.nii.gz"))[0]
+    victim.unlink()
+    return victim.name
+
+
+def _wrong_num_training(folder: Path) -> str:
+    spec = json.loads((folder / "dataset.json").read_text())
+    spec["numTraining"] = 99
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return "numTraining"
+
+
+def _undeclared_label(folder: Path) -> str:
+    spec = json.loads((folder / "dataset.json").read_text())
+    del spec["labels"]["b"]  # label value 2 still occurs in the maps
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return "labelsTr"
+
+
+def _stray_ending(folder: Path) -> str:
+    (folder / "imagesTr" / "case_000_0000.nrrd").write_bytes(b"x")
+    return "case_000_0000.nrrd"
+
+
+def _bad_acceleration(folder: Path) -> str:
+    spec = json.loads((folder / "dataset.json").read_text())
+    spec["reconstruction"]["acceleration"] = 0.5
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return "acceleration"
+
+
+def _nan_values(folder: Path) -> str:
+    victim = sorted((folder / "imagesTr").glob("*.npy"))[0]
+    array = np.load(victim)
+    array.flat[3] = np.nan
+    np.save(victim, array)
+    return victim.name
+
+
+@pytest.mark.parametrize(
+    "kind, defect",
+    [("nnunet_seg", _drop_a_channel), ("3d_mr", _wrong_num_training), ("nnunet_seg", _undeclared_label),
+     ("nnunet_seg", _stray_ending), ("complex_npy", _bad_acceleration), ("complex_npy", _nan_values)],
+)
+def test_integrity_defect_stops_the_command_before_any_write(tmp_path, capsys, kind, defect):
+    folder = make_example_dataset(kind, tmp_path / "raw", 20, seed=0)
+    expected = defect(folder)
+    code = plan_and_preprocess_entry(["-d", "20", *_roots(tmp_path), "--verify_dataset_integrity"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and "Fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "pre").exists()
