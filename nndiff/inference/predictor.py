@@ -35,7 +35,7 @@ from nndiff.inference.model_folder import (
 )
 from nndiff.paths import Paths
 from nndiff.planning import resolve_configuration
-from nndiff.training.trainer import resolve_device
+from nndiff.training.devices import resolve_device
 from nndiff.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)

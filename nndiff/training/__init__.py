@@ -9,7 +9,8 @@ from nndiff.training.progress import image_grid, save_image_grid
 from nndiff.training.registry import (ENTRY_POINT_GROUP, TRAINERS, available_trainers, get_trainer_class,
                                       register_trainer)
 from nndiff.training.splits import load_or_create_splits, make_grouped_splits
-from nndiff.training.trainer import Trainer, per_sample, resolve_configuration
+from nndiff.planning import resolve_configuration
+from nndiff.training.trainer import Trainer, per_sample
 
 __all__ = [
     "BEST", "ENTRY_POINT_GROUP", "FINAL", "LATEST", "TRAINERS", "Trainer", "TrainingSettings",

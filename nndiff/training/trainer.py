@@ -41,6 +41,8 @@ from nndiff.training.progress import TrainingHistory, plot_progress
 from nndiff.training.rng import capture_rng_state, isolated_rng, restore_rng_state, seed_everything, torch_generator
 from nndiff.training.splits import FOLD_ALL, fold_cases, load_or_create_splits
 from nndiff.utils.files import load_json, save_json
+from nndiff.planning import resolve_configuration
+from nndiff.training.devices import resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -51,66 +53,6 @@ METADATA_FILE = "metadata.json"
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
-def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The configuration ``name`` with ``inherits_from`` applied.
-
-    Uses ``nndiff.planning.resolve_configuration`` when the planning module provides it; the
-    fallback applies nnU-Net's rule (the parent's resolved dict updated with the child's keys).
-    """
-    try:
-        from nndiff.planning import resolve_configuration as planned_resolve  # type: ignore[attr-defined]
-    except ImportError:
-        planned_resolve = None
-    if planned_resolve is not None:
-        return dict(planned_resolve(plans, name))
-    configurations = plans.get("configurations", {})
-    chain: list[str] = []
-    current: str | None = name
-    while current is not None:
-        if current not in configurations:
-            known = ", ".join(sorted(configurations)) or "none"
-            where = f"configuration {name!r}" if current == name else f"{chain[-1]!r} inherits_from {current!r}, which"
-            raise PlansError(f"{where} is not in the plans (known: {known}). Fix: use one of the known names")
-        if current in chain:
-            raise PlansError(f"configurations {' -> '.join(chain + [current])} inherit from each other in a loop")
-        chain.append(current)
-        current = configurations[current].get("inherits_from")
-    resolved: dict[str, Any] = {}
-    for link in reversed(chain):
-        resolved.update({k: v for k, v in configurations[link].items() if k != "inherits_from"})
-    return resolved
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if not isinstance(device, torch.device):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-            raise NnDiffError(f"unknown device {device!r}. Fix: use cpu, cuda or auto")
-        device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise NnDiffError("device cuda requested but torch finds no CUDA device. Fix: use -device cpu")
-        if device.index is None:  # an explicit index: checkpoints and set_device need one
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def resolve_precision(setting: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a gradient scaler is needed) for the precision setting.
-
-    CPU always trains in fp32 (autocast on CPU is slow and nothing needs it there).
-    """
-    if device.type != "cuda" or setting == "fp32":
-        return None, False
-    if setting == "auto":
-        setting = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if setting == "bf16":
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
 def _finite(value: float) -> bool:
     return math.isfinite(value)
 

@@ -63,7 +63,7 @@ def main() -> None:
 
     fp16 = make_trainer(WiderTrainer, {**plans}, data, out / "fp16", device="cuda", num_workers=0, iterations=20)
     fp16.settings = fp16.settings.__class__(**{**fp16.settings.to_dict(), "precision": "fp16"})
-    from nndiff.training.trainer import resolve_precision
+    from nndiff.training.devices import resolve_precision
 
     fp16.autocast_dtype, fp16._needs_scaler = resolve_precision("fp16", fp16.device)
     fp16.run_training()
