@@ -228,3 +228,33 @@ def test_resume_is_exact_with_dropout_and_importance_sampling(datasets, tmp_path
     assert a["extra"]["conditions"] == b["extra"]["conditions"]
     assert a["extra"]["conditions"]["categorical"] == [["shape", ["disk", "square"]]]
     assert ConditionEncoder.from_checkpoint(a) == resumed.conditions
+
+
+@pytest.mark.parametrize("diffusion", [{}, {"parameterization": "eps", "loss_weighting": "uniform"},
+                                       {"process": "ve_sde", "schedule": "geometric", "parameterization": "score",
+                                        "loss_weighting": "sigma_squared", "clip_x0": None}])
+def test_loss_is_the_planned_diffusion_loss(datasets, tmp_path, diffusion):
+    """Validation loss == diffusion_loss on the plan's process/parameterization/weighting, with t then
+    noise drawn from each case's own generator."""
+    from nndiff.diffusion import build_noise, build_process, diffusion_loss
+
+    pre = _preprocessed_dir(datasets["2d"])
+    plans = load_plans(pre)
+    plans["configurations"][TINY]["diffusion"].update(diffusion)
+    trainer = GenerationTrainer(plans, TINY, 0, pre, output_dir=tmp_path, device="cpu", num_workers=0)
+    trainer.initialize()
+    x0 = torch.rand(3, 1, 32, 32) * 2 - 1
+    batch = {"data": x0, "keys": ["a", "b", "c"]}
+    loss, _ = trainer.compute_loss(Spy(), batch, train=False,
+                                   generators=[torch.Generator().manual_seed(s) for s in range(3)])
+    block = plans["configurations"]["2d"]["diffusion"] | diffusion
+    process, noise_fn = build_process(block), build_noise(block)
+    expected = []
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        t = process.sample_t(1, g)
+        noise = noise_fn((1, 1, 32, 32), generator=g)
+        expected.append(diffusion_loss(torch.zeros(1, 1, 32, 32), x0[s:s + 1], noise, t, process,
+                                       block.get("parameterization", "eps"), block.get("loss_weighting", "uniform"),
+                                       min_snr_gamma=block.get("min_snr_gamma", 5.0)))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-6, atol=0)
