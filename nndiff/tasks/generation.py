@@ -184,6 +184,32 @@ def _network_model_fn(network: nn.Module):
     return model_fn
 
 
+def _null_like(cond: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """The null conditions of a batch (what ``drop_conditions(..., p=1)`` gives)."""
+    labels, continuous = cond.get("class_labels"), cond.get("continuous")
+    return {"class_labels": None if labels is None else torch.full_like(labels, NULL_LABEL),
+            "continuous": None if continuous is None else torch.full_like(continuous, math.nan)}
+
+
+def _batched_cfg_model_fn(network: nn.Module, scale: float):
+    """Classifier-free guidance with conditional and null halves in *one* network call.
+
+    Same result as :class:`~nndiff.diffusion.ClassifierFreeGuidance` (out_null + w (out_cond - out_null)),
+    at one launch per step instead of two, which matters for small sampling batches on a GPU.
+    """
+
+    def model_fn(x: torch.Tensor, t_net: torch.Tensor, cond: Any) -> torch.Tensor:
+        null = _null_like(cond)
+        both = {k: None if cond.get(k) is None else torch.cat([cond[k], null[k]]) for k in null}
+        t_both = torch.cat([t_net, t_net]) if t_net.ndim else t_net
+        out = network(torch.cat([x, x]), t_both, class_labels=both["class_labels"],
+                      continuous=both["continuous"]).float()
+        out_cond, out_null = out.chunk(2)
+        return out_null + scale * (out_cond - out_null)
+
+    return model_fn
+
+
 def resolve_guidance_scale(diffusion: DiffusionConfig, guidance_scale: float | None, conditioned: bool) -> float:
     """The CFG scale to sample with: the argument, else the plan's (with classifier-free guidance), else 1."""
     if not conditioned:
@@ -236,8 +262,9 @@ def sample_images(network: nn.Module, plans_config: Mapping[str, Any], num_sampl
     network.eval()
     try:
         with torch.no_grad(), autocast:
-            out = sample(the_sampler, _network_model_fn(network), (num_samples, in_channels, *shape), cond=cond,
-                         guidance_scale=scale if conditioned and scale != 1.0 else None, null_cond=None,
+            model_fn = (_batched_cfg_model_fn(network, scale) if conditioned and scale != 1.0
+                        else _network_model_fn(network))
+            out = sample(the_sampler, model_fn, (num_samples, in_channels, *shape), cond=cond,
                          generator=generator, device=device)
     finally:
         network.train(was_training)

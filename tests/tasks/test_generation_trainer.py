@@ -142,9 +142,9 @@ def test_conditions_reach_network_and_dropout_rate(datasets, tmp_path):
     trainer.output_dir.mkdir(parents=True)
     trainer.write_sample_grid(0)
     assert (trainer.output_dir / "samples_epoch_0000.png").is_file()
-    labelled = [c["class_labels"] for c in spy_grid.calls if c["class_labels"] is not None]
-    assert labelled and labelled[0].tolist() == [0, 1] * 4
-    assert any(c["class_labels"] is None for c in spy_grid.calls)  # the unconditional half of CFG
+    # classes cycled; planned CFG (scale 2): the null half in the same call
+    assert spy_grid.calls and all(c["class_labels"].tolist() == [0, 1] * 4 + [NULL_LABEL] * 8
+                                  for c in spy_grid.calls)
 
 
 def test_condition_encoder_joint_index():
@@ -192,10 +192,26 @@ def test_sample_images_conditional_guidance(datasets):
     out = sample_images(spy, config, 3, generator=torch.Generator().manual_seed(0), device="cpu",
                         class_labels=labels, continuous=torch.zeros(3, 1), guidance_scale=3.0, num_steps=2)
     assert out.shape == (3, 1, 32, 32)
-    conditional = [c for c in spy.calls if c["class_labels"] is not None]
-    unconditional = [c for c in spy.calls if c["class_labels"] is None and c["continuous"] is None]
-    assert conditional and len(conditional) == len(unconditional)
-    assert all(torch.equal(c["class_labels"], labels) for c in conditional)
+    # One call per step with the conditional half and the null half (label NULL, metadata NaN).
+    assert spy.calls and all(len(c["class_labels"]) == 6 for c in spy.calls)
+    for call in spy.calls:
+        assert call["class_labels"].tolist() == [0, 1, 1] + [NULL_LABEL] * 3
+        assert not torch.isnan(call["continuous"][:3]).any() and torch.isnan(call["continuous"][3:]).all()
+    # The guided output is out_null + 3 (out_cond - out_null): a network whose output depends on the
+    # condition gives exactly the CFG combination of the two single-condition runs.
+    net = build_network({**config["network"]}, seed=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    x, t = torch.randn(3, 1, 32, 32), torch.full((3,), 500.0)
+    from nndiff.tasks.generation import _batched_cfg_model_fn
+    cond = {"class_labels": labels, "continuous": torch.zeros(3, 1)}
+    with torch.no_grad():
+        guided = _batched_cfg_model_fn(net.eval(), 3.0)(x, t, cond)
+        out_c = net(x, t, class_labels=labels, continuous=torch.zeros(3, 1))
+        out_u = net(x, t)
+    torch.testing.assert_close(guided, out_u + 3.0 * (out_c - out_u), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out_c, out_u)
     spy.calls.clear()
     sample_images(spy, config, 3, generator=torch.Generator().manual_seed(0), device="cpu", class_labels=labels,
                   continuous=torch.zeros(3, 1), guidance_scale=1.0, num_steps=2)
