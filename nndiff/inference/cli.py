@@ -6,6 +6,7 @@ Flags as in documentation/cli.md. The console-script line for setup.py is
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plan's)")
     parser.add_argument("--seed", type=int, default=0, help="seed (same seed -> same outputs)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--condition", action="append", default=None, metavar="KEY=VALUE",
+                        help="generation (no -i) with a conditional model: a condition of dataset.json 'conditions' "
+                             "for every sample, e.g. --condition shape=disk --condition size=6.5 (repeat for each "
+                             "key; all keys or none)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="classifier-free guidance scale for conditional generation (default: the plan's; "
+                             "1 = no guidance)")
     add_path_flags(parser)
     add_verbosity_flags(parser)
     return parser
@@ -61,6 +69,42 @@ def _folds(values: Sequence[str]) -> tuple[int | str, ...] | str:
         raise NnDiffError(f"folds must be numbers or 'all', got {' '.join(values)}") from None
 
 
+def parse_condition_flags(flags: Sequence[str] | None) -> dict[str, str] | None:
+    """``["shape=disk", "size=6.5"]`` (``--condition KEY=VALUE``, repeatable) -> ``{"shape": "disk", "size": "6.5"}``.
+
+    Values stay strings; the family predictor (e.g. :func:`nndiff.tasks.generation_predictor.validate_conditions`) matches them to the model's categories and numbers.
+    """
+    if not flags:
+        return None
+    parsed: dict[str, str] = {}
+    for flag in flags:
+        key, sep, value = flag.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise NnDiffError(f"--condition {flag!r} is not KEY=VALUE. Fix: e.g. --condition shape=disk")
+        if key in parsed and parsed[key] != value:
+            raise NnDiffError(f"--condition {key} given twice ({parsed[key]!r} and {value!r}). Fix: give it once")
+        parsed[key] = value
+    return parsed
+
+
+#: ``generate_to_folder`` keyword -> the flag that sets it.
+_GENERATION_FLAGS = {"conditions": "--condition", "guidance_scale": "--guidance_scale"}
+
+
+def _generation_options(predictor: object, args: argparse.Namespace) -> dict:
+    """``conditions`` / ``guidance_scale`` keyword arguments for ``generate_to_folder``, only when
+    given (a family without conditional generation does not take them)."""
+    options = {"conditions": parse_condition_flags(args.condition), "guidance_scale": args.guidance_scale}
+    options = {key: value for key, value in options.items() if value is not None}
+    accepted = inspect.signature(predictor.generate_to_folder).parameters  # type: ignore[attr-defined]
+    refused = [_GENERATION_FLAGS[key] for key in options if key not in accepted]
+    if refused:
+        raise NnDiffError(f"{type(predictor).__name__} does not take {' or '.join(refused)}. "
+                          "Fix: drop the flag(s); this model family generates without conditions")
+    return options
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from nndiff.training.api import find_preprocessed_dataset
 
@@ -74,10 +118,14 @@ def _main(argv: Sequence[str] | None) -> int:
                                  folds=_folds(args.folds), checkpoint=args.checkpoint, use_ema=not args.no_ema,
                                  device=args.device, sampler=args.sampler, num_steps=args.steps)
     if args.input is not None:
+        if args.condition or args.guidance_scale is not None:
+            raise NnDiffError("--condition and --guidance_scale apply to generation. Fix: drop -i to generate "
+                              "samples, or drop them to predict the cases of -i")
         written = predictor.predict_from_folder(args.input, args.output, seed=args.seed,
                                                 num_mc_samples=args.num_samples or 1)
     else:
-        written = predictor.generate_to_folder(args.output, args.num_samples or 8, seed=args.seed)
+        written = predictor.generate_to_folder(args.output, args.num_samples or 8, seed=args.seed,
+                                               **_generation_options(predictor, args))
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 

@@ -7,7 +7,9 @@ A family registers its predictor for its trainer names::
 
 Lookup (:func:`predictor_class_for`) tries the registry, then imports the family modules the
 trainer registry lists (``nndiff.training.registry.TRAINER_MODULES``; importing a family module
-registers its predictor), then the entry-point group ``nndiff.predictors`` (name = trainer name).
+registers its predictor) and the predictor modules of :data:`PREDICTOR_MODULES` (families whose
+predictor lives in its own module), then the entry-point group ``nndiff.predictors`` (name =
+trainer name).
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from typing import Callable, Sequence, TypeVar
 from nndiff.errors import NnDiffError
 
 ENTRY_POINT_GROUP = "nndiff.predictors"
+#: Predictor modules outside the trainer modules, imported on a lookup miss (importing registers them).
+PREDICTOR_MODULES: tuple[str, ...] = (
+    "nndiff.tasks.generation_predictor",
+)
 #: trainer class name -> predictor class.
 PREDICTORS: dict[str, type] = {}
 
@@ -48,7 +54,7 @@ def register_predictor(*, trainers: Sequence[str]) -> Callable[[T], T]:
 def _import_family_modules() -> None:
     from nndiff.training.registry import TRAINER_MODULES
 
-    for module in TRAINER_MODULES:
+    for module in (*TRAINER_MODULES, *PREDICTOR_MODULES):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
