@@ -2,6 +2,7 @@
 
 Generation: :func:`evaluate_generation` assembles intensity Wasserstein-1, MS-SSIM diversity,
 Fréchet / kernel distances in a user-supplied TorchScript feature space, and a memorization check.
+:func:`evaluate_generation_folders` does the same for folders of image files (``nndiff_evaluate_folder``).
 """
 from nndiff.evaluation.distributions import (
     extract_features,
@@ -13,6 +14,8 @@ from nndiff.evaluation.distributions import (
     mmd2_unbiased,
     wasserstein1,
 )
+from nndiff.evaluation.folders import ImageFolder, center_crop_or_pad, load_image_folder
+from nndiff.evaluation.generation_folders import evaluate_generation_folders
 from nndiff.evaluation.generation_metrics import evaluate_generation
 from nndiff.evaluation.memorization import NEAR_COPY_SSIM, MemorizationResult, memorization_check
 from nndiff.evaluation.ssim import (
@@ -27,14 +30,18 @@ from nndiff.evaluation.ssim import (
 
 __all__ = [
     "NEAR_COPY_SSIM",
+    "ImageFolder",
     "MemorizationResult",
+    "center_crop_or_pad",
     "evaluate_generation",
+    "evaluate_generation_folders",
     "extract_features",
     "frechet_distance",
     "frechet_distance_from_stats",
     "intensity_wasserstein",
     "kernel_distance",
     "load_feature_extractor",
+    "load_image_folder",
     "memorization_check",
     "mmd2_unbiased",
     "ms_ssim",

@@ -1,0 +1,168 @@
+"""Entry point ``nndiff_evaluate_folder``: evaluate a folder of predictions against references.
+
+For the generation family (this version): held-out real images (REF) against generated samples
+(PRED), with the memorization check against the training images. The Python API is
+:func:`nndiff.evaluation.evaluate_generation_folders` (re-exported here for convenience).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from nndiff.run.common import add_verbosity_flags, configure_logging, run_cli
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+FINGERPRINT_FILE = "dataset_fingerprint.json"
+
+
+def __getattr__(name: str):
+    # Lazy re-export: importing the CLI module (e.g. for --help) need not import torch.
+    if name == "evaluate_generation_folders":
+        from nndiff.evaluation.generation_folders import evaluate_generation_folders
+
+        return evaluate_generation_folders
+    raise AttributeError(name)
+
+
+def evaluate_folder_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nndiff_evaluate_folder",
+        description=(
+            "Evaluate generated samples (PRED, e.g. nndiff_predict's sample_XXXX files) against held-out "
+            "real images (REF, e.g. the raw dataset's imagesTs): intensity Wasserstein-1, MS-SSIM "
+            "diversity, Fréchet/kernel distances (with --feature_extractor) and the memorization check "
+            "against the training images. Writes summary.json and prints a short table."
+        ),
+    )
+    p.add_argument("reference", type=Path, metavar="REF", help="folder of held-out real images")
+    p.add_argument("prediction", type=Path, metavar="PRED", help="folder of generated samples")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-d", metavar="ID", help="dataset id or folder name in the raw root (reads its dataset.json)")
+    source.add_argument("--dataset_json", type=Path, metavar="FILE", help="a dataset.json instead of -d")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                   help=f"summary file (default PRED/{SUMMARY_FILE})")
+    train = p.add_mutually_exclusive_group()
+    train.add_argument("--training", type=Path, default=None, metavar="DIR",
+                       help="training images for the memorization check (default: imagesTr beside dataset.json)")
+    train.add_argument("--no_training", action="store_true", help="skip the memorization check")
+    p.add_argument("--feature_extractor", type=Path, default=None, metavar="MODEL",
+                   help="TorchScript (.pt) or torch.export (.pt2) model: images (B, C, *spatial) -> features (B, F); "
+                        "without it Fréchet and kernel distances are skipped")
+    p.add_argument("--max_pairs", type=int, default=2000, metavar="N",
+                   help="image pairs for MS-SSIM diversity (seeded subset above N; default 2000)")
+    p.add_argument("--near_copy_ssim", type=float, default=None, metavar="S",
+                   help="SSIM at or above which a sample counts as a near-copy of a training image (default 0.95)")
+    p.add_argument("--memorization_candidates", type=int, default=32, metavar="K",
+                   help="training images scored with SSIM per sample (correlation-ranked; 0 = all; default 32)")
+    p.add_argument("--data_range", type=float, default=None, metavar="L",
+                   help="SSIM data range in original units (default: fingerprint percentiles, else REF max - min)")
+    p.add_argument("--fingerprint", type=Path, default=None, metavar="FILE",
+                   help="dataset_fingerprint.json for the data range (default: preprocessed/DatasetXXX/ when set)")
+    paths = p.add_argument_group("folders (flag > environment variable)")
+    paths.add_argument("--raw", default=None, metavar="DIR", help="raw data root (default: $nnDiff_raw)")
+    paths.add_argument("--preprocessed", default=None, metavar="DIR",
+                       help="preprocessed root, for the fingerprint (default: $nnDiff_preprocessed; optional)")
+    add_verbosity_flags(p)
+    return p
+
+
+def _dataset_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """``(dataset.json, fingerprint or None)`` from -d (raw root) or --dataset_json."""
+    from nndiff.dataset import find_dataset_folder
+    from nndiff.paths import resolve_paths
+
+    if args.dataset_json is not None:
+        return args.dataset_json, args.fingerprint
+    paths = resolve_paths(raw=args.raw, preprocessed=args.preprocessed)
+    raw_dir = find_dataset_folder(paths.require("raw"), args.d)
+    fingerprint = args.fingerprint
+    if fingerprint is None and paths.preprocessed is not None:
+        candidate = paths.preprocessed / raw_dir.name / FINGERPRINT_FILE
+        fingerprint = candidate if candidate.is_file() else None
+    return raw_dir / "dataset.json", fingerprint
+
+
+def _training_dir(args: argparse.Namespace, dataset_json: Path) -> Path | None:
+    """--training, else the dataset's imagesTr when it exists (None with --no_training)."""
+    if args.no_training:
+        return None
+    if args.training is not None:
+        return args.training
+    default = dataset_json.parent / "imagesTr"
+    if default.is_dir():
+        return default
+    logger.info("no --training and no %s: memorization check skipped", default)
+    return None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(summary: dict) -> str:
+    """Short human-readable table of the main numbers of a generation summary."""
+    m, skipped = summary["metrics"], summary["skipped"]
+    diversity = m["ms_ssim_diversity"]
+    mem, ref = m["memorization"], m["memorization_reference_real"]
+    rows = [
+        ("images", f"{m['num_samples']} samples, {m['num_real_heldout']} held-out real, "
+                   f"{m['num_training']} training"),
+        ("SSIM data range", f"{_fmt(m['data_range'])} ({summary['settings']['data_range_source']})"),
+        ("intensity W1 (mean over channels)", _fmt(m["intensity_wasserstein1"]["mean"])),
+        ("MS-SSIM diversity samples / real", " / ".join(
+            _fmt(d["mean"]) if d else "-" for d in (diversity["samples"], diversity["real_heldout"]))),
+        ("Fréchet distance", _fmt(m["frechet_distance"])),
+        ("kernel distance (KID)", _fmt(m["kernel_distance"]["mean"]) if m["kernel_distance"] else "-"),
+    ]
+    if mem:
+        line = (f"{_fmt(mem['near_copy_rate'])} ({len(mem['near_copy_indices'])} of {m['num_samples']} "
+                f"with SSIM >= {mem['threshold']}), max SSIM {_fmt(mem['max_ssim'])}")
+        if ref:
+            line += f"; held-out real: rate {_fmt(ref['near_copy_rate'])}, max SSIM {_fmt(ref['max_ssim'])}"
+        rows.append(("memorization: near-copy rate", line))
+    else:
+        rows.append(("memorization: near-copy rate", "-"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name.ljust(width)}  {value}" for name, value in rows]
+    lines += [f"skipped {metric}: {reason}" for metric, reason in skipped.items()]
+    return "\n".join(lines)
+
+
+def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
+    from nndiff.evaluation.generation_folders import evaluate_generation_folders
+    from nndiff.evaluation.memorization import NEAR_COPY_SSIM
+
+    args = evaluate_folder_parser().parse_args(argv)
+    configure_logging(args)
+    dataset_json, fingerprint = _dataset_files(args)
+    output = args.output if args.output is not None else args.prediction / SUMMARY_FILE
+    summary = evaluate_generation_folders(
+        args.reference, args.prediction,
+        training_dir=_training_dir(args, dataset_json),
+        dataset_json=dataset_json,
+        feature_extractor=args.feature_extractor,
+        fingerprint=fingerprint,
+        data_range=args.data_range,
+        max_pairs=args.max_pairs,
+        near_copy_ssim=NEAR_COPY_SSIM if args.near_copy_ssim is None else args.near_copy_ssim,
+        memorization_candidates=None if args.memorization_candidates == 0 else args.memorization_candidates,
+        output_file=output,
+    )
+    print(format_table(summary))
+    for copy in summary["near_copies"]:
+        print(f"near-copy: {copy['sample']} ~ {copy['training']} (SSIM {copy['ssim']:.4f})")
+    print(f"summary: {output}")
+
+
+def evaluate_folder_entry(argv: Sequence[str] | None = None) -> int:
+    """``nndiff_evaluate_folder``; returns the exit code (2 for user errors)."""
+    return run_cli(_evaluate_folder_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(evaluate_folder_entry())
