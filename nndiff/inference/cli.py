@@ -1,4 +1,5 @@
-"""``nndiff_predict``: predict new cases (``-i``) or generate samples (no ``-i``) with a trained model.
+"""``nndiff_predict``: predict new cases (``-i``) or generate samples (no ``-i``; conditional models
+with ``--condition KEY=VALUE`` and ``--guidance_scale``) with a trained model.
 
 Flags as in documentation/cli.md. The console-script line for setup.py is
 ``nndiff_predict=nndiff.inference.cli:predict_entry``.
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nndiff_predict",
         description="Predict the cases of -i (outputs in the input's format, geometry and units) or, without "
-                    "-i, generate --num_samples samples (spacing from the plan, origin 0, identity direction).")
+                    "-i, generate --num_samples samples (spacing from the plan, origin 0, identity direction; "
+                    "conditional models take --condition KEY=VALUE and --guidance_scale).")
     parser.add_argument("-i", dest="input", default=None, help="folder of {CASE}_{XXXX}{ending} input files")
     parser.add_argument("-o", dest="output", required=True, help="output folder")
     parser.add_argument("-d", dest="dataset", required=True, help="dataset id, DatasetXXX or DatasetXXX_Name")

@@ -64,3 +64,20 @@ def test_registry_refuses_a_second_predictor_for_a_trainer():
         register_predictor(trainers=("X",))(dict)
     with pytest.raises(NnDiffError, match="no predictor is registered"):
         predictor_class_for("NoSuchTrainer")
+
+
+def test_condition_flags_are_refused_where_they_do_not_apply(trained, tmp_path, capsys):
+    root, raw, _ = trained
+    inputs = copy_inputs(raw, tmp_path / "in", ["case_002"])
+    # with -i: conditions are for generation only
+    assert predict_entry(["-i", str(inputs), "-o", str(tmp_path / "a"), "-d", "3", "-c", "3d_fullres",
+                          "--condition", "sex=F", "-device", "cpu", *_roots(root)]) == 2
+    assert "--condition and --guidance_scale apply to generation" in capsys.readouterr().err
+    # a family whose generate_to_folder takes no conditions
+    assert predict_entry(["-o", str(tmp_path / "b"), "-d", "3", "-c", "3d_fullres", "--guidance_scale", "2",
+                          "-device", "cpu", *_roots(root)]) == 2
+    assert "EchoPredictor does not take --guidance_scale" in capsys.readouterr().err
+    assert predict_entry(["-o", str(tmp_path / "c"), "-d", "3", "-c", "3d_fullres", "--condition", "sex",
+                          "-device", "cpu", *_roots(root)]) == 2
+    assert "--condition 'sex' is not KEY=VALUE" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abc")
