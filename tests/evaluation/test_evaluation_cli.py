@@ -291,3 +291,82 @@ def test_png_read_back_matches_written(png_setup):
     # Guard for the oracle above: PNG stores the uint8 images exactly.
     array, _ = read_file(png_setup["pred"] / "sample_0003.png")
     np.testing.assert_array_equal(array[0, 0], png_setup["train"][2])
+
+
+# --------------------------------------------------------------------------- plan -> train -> predict -> evaluate
+#: Tiny network, two iterations, three sampling steps: the evaluation of real predictor output is under test.
+TINY = {
+    "network": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+                "num_head_channels": 8, "norm_groups": 4},
+    "training": {"num_iterations_per_epoch": 2, "num_epochs": 1, "num_val_cases": 1, "warmup_iterations": 1,
+                 "augmentation": "none", "progress_every_epochs": 100},
+    "diffusion": {"num_sampling_steps": 3},
+}
+
+
+def _trained(root, kind, dataset_id, configurations):
+    """Example dataset planned with tiny configurations ({name: parent}), each trained briefly (fold 0)."""
+    from nndiff.dataset.examples import make_example_dataset
+    from nndiff.paths import Paths
+    from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
+    from nndiff.training.api import train_fold
+    from nndiff.utils.files import save_json
+
+    paths = Paths(raw=root / "raw", preprocessed=root / "preprocessed", results=root / "results")
+    make_example_dataset(kind, paths.raw, dataset_id)
+    location = locate_dataset(dataset_id, paths)
+    extract_fingerprint_step(location)
+    plans = plan_step(location)
+    for name, parent in configurations.items():
+        tiny = {"inherits_from": parent, **{key: dict(value) for key, value in TINY.items()}}
+        tiny["network"]["strides"] = [[2] * plans["configurations"][parent]["spatial_dims"]]
+        plans["configurations"][name] = tiny
+    save_json(plans, location.plans_file("nnDiffPlans"))
+    preprocess_step(location, configurations=sorted(set(configurations.values())))
+    for name in configurations:
+        train_fold(dataset_id, name, 0, paths, trainer="GenerationTrainer", device="cpu", num_workers=0)
+    # Held-out real images: the same generator with another seed, in a separate folder.
+    heldout = make_example_dataset(kind, root / "heldout", dataset_id, num_cases=3, seed=99)
+    return paths, location, heldout / "imagesTr"
+
+
+def _predict(paths, dataset_id, configuration, output, count):
+    from nndiff.inference.cli import predict_entry
+
+    roots = ["--raw", paths.raw, "--preprocessed", paths.preprocessed, "--results", paths.results]
+    code = predict_entry([str(a) for a in ["-o", output, "-d", dataset_id, "-c", configuration, "--num_samples",
+                                           count, "-device", "cpu", *roots]])
+    assert code == 0
+
+
+def test_end_to_end_png_predictions(tmp_path, capsys):
+    paths, location, heldout = _trained(tmp_path, "2d_grey_png", 821, {"tiny": "2d"})
+    _predict(paths, 821, "tiny", tmp_path / "samples", 3)
+    code, out, err = _run([heldout, tmp_path / "samples", "-d", "821", "--raw", paths.raw,
+                           "--preprocessed", paths.preprocessed], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "samples" / "summary.json").read_text())
+    fingerprint = json.loads(location.fingerprint_file.read_text())["intensity_properties_per_channel"]["0"]
+    assert summary["settings"]["data_range"] == fingerprint["percentile_99_5"] - fingerprint["percentile_00_5"]
+    assert summary["settings"]["data_range_source"].startswith(str(location.fingerprint_file))
+    metrics = summary["metrics"]
+    assert (metrics["num_samples"], metrics["num_real_heldout"]) == (3, 3)
+    assert metrics["num_training"] == len(list((location.raw_dir / "imagesTr").iterdir()))
+    assert metrics["memorization"] is not None and metrics["intensity_wasserstein1"]["mean"] > 0
+    assert summary["inputs"]["prediction"]["files"] == ["sample_0000.png", "sample_0001.png", "sample_0002.png"]
+
+
+def test_end_to_end_3d_ct_volumes_and_2d_slices(tmp_path):
+    paths, location, heldout = _trained(tmp_path, "3d_ct", 822, {"tiny3d": "3d_fullres", "tiny2d": "2d"})
+    dataset_json = location.raw_dir / "dataset.json"
+    for configuration, dims in (("tiny3d", 3), ("tiny2d", 2)):
+        samples = tmp_path / configuration
+        _predict(paths, 822, configuration, samples, 2)
+        summary = evaluate_generation_folders(heldout, samples, training_dir=location.raw_dir / "imagesTr",
+                                              dataset_json=dataset_json, fingerprint=location.fingerprint_file)
+        metrics = summary["metrics"]
+        assert metrics["spatial_dims"] == dims and metrics["num_samples"] == 2
+        # 2D samples are compared with every z slice of the three 12-slice held-out volumes.
+        assert metrics["num_real_heldout"] == (3 if dims == 3 else 36)
+        assert metrics["intensity_wasserstein1"]["mean"] > 0
+        assert summary["settings"]["data_range_source"].startswith(str(location.fingerprint_file))
