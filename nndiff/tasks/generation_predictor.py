@@ -254,6 +254,7 @@ class GenerationPredictor(Predictor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.diffusion = DiffusionConfig.from_dict(self.configuration.get("diffusion", {}))
+        self._encoding_unknown = False
         self.conditions = self._restore_conditions()
         self._queue: _ConditionQueue | None = None
         self._ensemble: _FoldEnsemble | None = None
@@ -269,6 +270,7 @@ class GenerationPredictor(Predictor):
         if not self.checkpoint_states:
             logger.warning("conditional model without checkpoint states: conditions cannot be encoded "
                            "(load it with from_model_folder); unconditional sampling only")
+            self._encoding_unknown = True
             return None
         encoders = _fold_encoders(self.checkpoint_states)
         _check_same_conditions(encoders)
@@ -337,6 +339,9 @@ class GenerationPredictor(Predictor):
         """
         if num_samples < 1:
             raise NnDiffError(f"num_samples must be >= 1, got {num_samples}")
+        if conditions is not None and self._encoding_unknown:
+            raise NnDiffError("the model is conditional but its condition encoding is unknown (no checkpoint "
+                              "states). Fix: load the predictor with from_model_folder / from_trained")
         rows = validate_conditions(self.conditions, conditions, num_samples)
         scale = self.check_guidance_scale(guidance_scale)
         if rows is None and scale is not None:

@@ -312,3 +312,12 @@ def test_condition_flags():
             parse_condition_flags(bad)
     with pytest.raises(NnDiffError, match="given twice"):
         parse_condition_flags(["shape=disk", "shape=square"])
+
+
+def test_conditional_network_without_checkpoint_states(conditional_plans, tmp_path):
+    """Built by hand without the trainer's stored encoding: unconditional samples only, conditions refused."""
+    predictor = _conditional_predictor(conditional_plans, [Recorder(0.0)], [])
+    assert not predictor.is_conditional
+    with pytest.raises(NnDiffError, match="condition encoding is unknown.*from_model_folder"):
+        predictor.generate_to_folder(tmp_path, 1, conditions={"shape": "disk", "size": 6})
+    assert len(predictor.generate_to_folder(tmp_path, 1)) == 1
