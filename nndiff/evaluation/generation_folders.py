@@ -82,21 +82,43 @@ def fingerprint_data_range(fingerprint: Mapping[str, Any]) -> float | None:
     return span if span > 0 else None
 
 
+def _load_fingerprint(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError([(path, "fingerprint file does not exist",
+                             "run nndiff_extract_fingerprint -d ID, or leave the fingerprint out")])
+    try:
+        return load_json(path)
+    except ValueError as error:
+        raise DatasetError([(path, f"is not valid JSON ({error})",
+                             "recompute it with nndiff_extract_fingerprint --clean")]) from None
+
+
+def resolve_fingerprint(fingerprint: Mapping[str, Any] | PathLike | None) -> tuple[dict | None, str | None]:
+    """``(fingerprint dict, where)``: a path is read (a missing or broken file is a DatasetError)."""
+    if fingerprint is None:
+        return None, None
+    if isinstance(fingerprint, Mapping):
+        return dict(fingerprint), "fingerprint (given as a dict)"
+    return _load_fingerprint(Path(fingerprint)), str(fingerprint)
+
+
 def choose_data_range(reference: list[np.ndarray], fingerprint: Mapping[str, Any] | PathLike | None,
-                      data_range: float | None) -> tuple[float, str]:
-    """SSIM data range and where it came from (explicit > fingerprint > reference min/max)."""
+                      data_range: float | None, fingerprint_source: str | None = None) -> tuple[float, str]:
+    """SSIM data range and where it came from (explicit > fingerprint > reference min/max).
+
+    ``fingerprint_source`` names a fingerprint given as a dict in the returned description.
+    """
     if data_range is not None:
         if not data_range > 0:
             raise NnDiffError(f"data range must be positive, got {data_range}. Fix: pass --data_range L > 0")
         return float(data_range), "given explicitly"
+    fingerprint, where = resolve_fingerprint(fingerprint)
+    where = fingerprint_source or where
     if fingerprint is not None:
-        where = "fingerprint (given as a dict)"
-        if not isinstance(fingerprint, Mapping):
-            where = str(fingerprint)
-            fingerprint = load_json(fingerprint)
         span = fingerprint_data_range(fingerprint)
         if span is not None:
-            return span, f"{where}: percentile_99_5 - percentile_00_5 of intensity_properties_per_channel (max over channels)"
+            return span, (f"{where}: percentile_99_5 - percentile_00_5 of intensity_properties_per_channel "
+                          "(max over channels)")
         logger.info("%s has no usable intensity percentiles; data range from the reference images", where)
     low = min(float(image.min()) for image in reference)
     high = max(float(image.max()) for image in reference)
@@ -225,6 +247,9 @@ def evaluate_generation_folders(
     """
     _validate_settings(max_pairs, near_copy_ssim, memorization_candidates)
     _check_folders_exist(reference=reference_dir, prediction=prediction_dir, training=training_dir)
+    if data_range is not None and not data_range > 0:
+        raise NnDiffError(f"data range must be positive, got {data_range}. Fix: pass --data_range L > 0")
+    fingerprint_dict, fingerprint_where = resolve_fingerprint(fingerprint)  # read early: fail before the images
     data, where = _load_dataset_json(dataset_json)
     if data is not None:
         _check_generation(data, where or "dataset.json")
@@ -243,7 +268,7 @@ def evaluate_generation_folders(
     target = shapes.pop() if len(shapes) == 1 else None
     ref_aligned, ref_changed = _align(ref_images, target)
     train_aligned, train_changed = _align(train_images, target) if train_images is not None else (None, 0)
-    range_value, range_source = choose_data_range(reference.images, fingerprint, data_range)
+    range_value, range_source = choose_data_range(reference.images, fingerprint_dict, data_range, fingerprint_where)
 
     metrics = evaluate_generation(samples.images, ref_aligned, train_aligned, extractor, data_range=range_value,
                                   near_copy_threshold=near_copy_ssim,

@@ -120,13 +120,14 @@ def test_threshold_flag_and_explicit_output(png_setup, capsys):
     s = png_setup
     out_file = s["tmp"] / "eval" / "gen.json"
     code, _, err = _run([s["root"] / "imagesTs", s["pred"], "-d", DATASET, "--raw", s["raw"], "-o", out_file,
-                         "--near_copy_ssim", "0.2", "--max_pairs", "3", "--no_training"], capsys)
+                         "--near_copy_ssim", "0.2", "--max_pairs", "3", "--no_training", "--data_range", "300"], capsys)
     assert code == 0, err
     summary = json.loads(out_file.read_text())
     assert not (s["pred"] / "summary.json").exists()
     assert summary["metrics"]["memorization"] is None and "memorization" in summary["skipped"]
     assert summary["metrics"]["ms_ssim_diversity"]["samples"]["num_pairs"] == 3
     assert summary["settings"]["near_copy_ssim"] == 0.2
+    assert summary["metrics"]["data_range"] == 300.0 and summary["settings"]["data_range_source"] == "given explicitly"
 
 
 def test_feature_extractor_distances(png_setup, capsys):
@@ -267,8 +268,19 @@ def _break_ending(s):
     return [s["root"] / "imagesTs", s["pred"]], ["sample_0000.png", "dataset.json 'file_ending' is '.nii.gz'"]
 
 
+def _break_fingerprint(s):
+    return [s["root"] / "imagesTs", s["pred"], "--fingerprint", s["tmp"] / "fp.json"], [
+        "fp.json", "fingerprint file does not exist", "nndiff_extract_fingerprint"]
+
+
+def _break_unsupported_file(s):
+    (s["pred"] / "notes.txt").write_text("samples of run 3")
+    return [s["root"] / "imagesTs", s["pred"]], ["notes.txt", "unsupported ending '.txt'", "remove it"]
+
+
 @pytest.mark.parametrize("breaker", [_break_missing_ref, _break_empty_pred, _break_mixed_endings, _break_channels,
-                                     _break_task, _break_extractor, _break_extractor_input, _break_ending])
+                                     _break_task, _break_extractor, _break_extractor_input, _break_ending,
+                                     _break_fingerprint, _break_unsupported_file])
 def test_user_errors_exit_2_with_file_and_fix(png_setup, capsys, breaker):
     argv, expected = breaker(png_setup)
     code, out, err = _run(argv + ["-d", "10", "--raw", png_setup["raw"]], capsys)
