@@ -16,6 +16,7 @@ Decisions (documentation/evaluation.md, "nndiff_evaluate_folder"):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -203,13 +204,58 @@ def _check_folders_exist(**folders: PathLike | None) -> None:
         raise DatasetError(problems)
 
 
-def _validate_settings(max_pairs: int, near_copy_ssim: float, memorization_candidates: int | None) -> None:
+def _validate_settings(max_pairs: int, near_copy_ssim: float, memorization_candidates: int | None,
+                       data_range: float | None) -> None:
     if max_pairs < 1:
         raise NnDiffError(f"--max_pairs must be at least 1, got {max_pairs}")
     if not 0 < near_copy_ssim <= 1:
         raise NnDiffError(f"--near_copy_ssim must be in (0, 1], got {near_copy_ssim}")
     if memorization_candidates is not None and memorization_candidates < 1:
         raise NnDiffError(f"memorization candidates must be at least 1, got {memorization_candidates}")
+    if data_range is not None and not data_range > 0:
+        raise NnDiffError(f"data range must be positive, got {data_range}. Fix: pass --data_range L > 0")
+
+
+# --------------------------------------------------------------------------- reading and alignment
+@dataclass
+class ComparableSets:
+    """Reference and training images in the samples' dimensionality and shape, with their ids."""
+
+    reference: list[np.ndarray]
+    reference_ids: list[str]
+    training: list[np.ndarray] | None
+    training_ids: list[str]
+    shape: tuple[int, ...] | None  # the samples' spatial shape (None when samples differ in shape)
+    reference_aligned: int  # images that were cropped or padded
+    training_aligned: int
+
+
+def _read_folders(prediction_dir: PathLike, reference_dir: PathLike, training_dir: PathLike | None,
+                  data: dict | None) -> tuple[ImageFolder, ImageFolder, ImageFolder | None]:
+    """Samples, reference and (optional) training images, checked against dataset.json."""
+    num_channels, file_ending = _channels_and_ending(data)
+    options = {"file_ending": file_ending, "num_channels": num_channels}
+    samples = load_image_folder(prediction_dir, "prediction", **options)
+    reference = load_image_folder(reference_dir, "reference", **options)
+    training = load_image_folder(training_dir, "training", **options) if training_dir is not None else None
+    return samples, reference, training
+
+
+def _comparable_sets(samples: ImageFolder, reference: ImageFolder, training: ImageFolder | None) -> ComparableSets:
+    """Slice volumes for 2D samples, then centre-crop/pad to the sample shape."""
+    ref_images, ref_ids = _comparable(reference, samples, "reference")
+    train_images, train_ids = _comparable(training, samples, "training") if training is not None else (None, [])
+    shapes = {image.shape[1:] for image in samples.images}
+    shape = shapes.pop() if len(shapes) == 1 else None
+    ref_aligned, ref_changed = _align(ref_images, shape)
+    train_aligned, train_changed = _align(train_images, shape) if train_images is not None else (None, 0)
+    return ComparableSets(ref_aligned, ref_ids, train_aligned, train_ids, shape, ref_changed, train_changed)
+
+
+def _extractor_name(extractor: FeatureExtractor | PathLike | None) -> str | None:
+    if extractor is None:
+        return None
+    return str(extractor) if isinstance(extractor, (str, Path)) else type(extractor).__name__
 
 
 # --------------------------------------------------------------------------- public API
@@ -245,35 +291,23 @@ def evaluate_generation_folders(
     ``skipped``), ``skipped`` (metric -> reason), ``near_copies``, ``settings`` and ``inputs``.
     Raises :class:`~nndiff.errors.NnDiffError` (or its DatasetError) for every user error.
     """
-    _validate_settings(max_pairs, near_copy_ssim, memorization_candidates)
+    _validate_settings(max_pairs, near_copy_ssim, memorization_candidates, data_range)
     _check_folders_exist(reference=reference_dir, prediction=prediction_dir, training=training_dir)
-    if data_range is not None and not data_range > 0:
-        raise NnDiffError(f"data range must be positive, got {data_range}. Fix: pass --data_range L > 0")
     fingerprint_dict, fingerprint_where = resolve_fingerprint(fingerprint)  # read early: fail before the images
     data, where = _load_dataset_json(dataset_json)
     if data is not None:
         _check_generation(data, where or "dataset.json")
-    num_channels, file_ending = _channels_and_ending(data)
     if isinstance(feature_extractor, (str, Path)):
         load_feature_extractor(feature_extractor)  # fail before reading every image
-    samples = load_image_folder(prediction_dir, "prediction", file_ending=file_ending, num_channels=num_channels)
-    reference = load_image_folder(reference_dir, "reference", file_ending=file_ending, num_channels=num_channels)
-    training = (load_image_folder(training_dir, "training", file_ending=file_ending, num_channels=num_channels)
-                if training_dir is not None else None)
+    samples, reference, training = _read_folders(prediction_dir, reference_dir, training_dir, data)
     extractor = _prepare_extractor(feature_extractor, samples)
-
-    ref_images, ref_ids = _comparable(reference, samples, "reference")
-    train_images, train_ids = _comparable(training, samples, "training") if training is not None else (None, [])
-    shapes = {image.shape[1:] for image in samples.images}
-    target = shapes.pop() if len(shapes) == 1 else None
-    ref_aligned, ref_changed = _align(ref_images, target)
-    train_aligned, train_changed = _align(train_images, target) if train_images is not None else (None, 0)
+    sets = _comparable_sets(samples, reference, training)
     range_value, range_source = choose_data_range(reference.images, fingerprint_dict, data_range, fingerprint_where)
 
-    metrics = evaluate_generation(samples.images, ref_aligned, train_aligned, extractor, data_range=range_value,
+    metrics = evaluate_generation(samples.images, sets.reference, sets.training, extractor, data_range=range_value,
                                   near_copy_threshold=near_copy_ssim,
                                   memorization_candidates=memorization_candidates, max_diversity_pairs=max_pairs)
-    if ref_changed:  # W1 on the images as read: crop/pad would add or drop intensities
+    if sets.reference_aligned:  # W1 on the images as read: crop/pad would add or drop intensities
         metrics["intensity_wasserstein1"] = intensity_wasserstein(
             [image.astype(np.float64) for image in samples.images],
             [image.astype(np.float64) for image in reference.images])
@@ -282,29 +316,28 @@ def evaluate_generation_folders(
         "family": TaskFamily.GENERATION.value,
         "metrics": metrics,
         "skipped": skipped,
-        "near_copies": _near_copies(metrics.get("memorization"), samples.identifiers, train_ids),
+        "near_copies": _near_copies(metrics.get("memorization"), samples.identifiers, sets.training_ids),
         "settings": {
             "dataset_json": where,
             "dataset_name": (data or {}).get("name"),
             "file_ending": samples.file_ending,
             "num_channels": samples.num_channels,
             "spatial_dims": samples.spatial_dims,
-            "sample_shape": list(target) if target is not None else None,
+            "sample_shape": list(sets.shape) if sets.shape is not None else None,
             "data_range": range_value,
             "data_range_source": range_source,
             "alignment": ("reference and training images centre-cropped/padded (with their minimum) to the sample "
                           "shape for SSIM-based and feature metrics; intensity W1 on the images as read"),
-            "aligned_images": {"reference": ref_changed, "training": train_changed},
+            "aligned_images": {"reference": sets.reference_aligned, "training": sets.training_aligned},
             "max_pairs": max_pairs,
             "near_copy_ssim": near_copy_ssim,
             "memorization_candidates": memorization_candidates,
-            "feature_extractor": (str(feature_extractor) if isinstance(feature_extractor, (str, Path))
-                                  else type(feature_extractor).__name__ if feature_extractor is not None else None),
+            "feature_extractor": _extractor_name(feature_extractor),
         },
         "inputs": {
             "prediction": _inputs_entry(samples, samples.identifiers),
-            "reference": _inputs_entry(reference, ref_ids),
-            "training": _inputs_entry(training, train_ids) if training is not None else None,
+            "reference": _inputs_entry(reference, sets.reference_ids),
+            "training": _inputs_entry(training, sets.training_ids) if training is not None else None,
         },
     }
     if output_file is not None:
