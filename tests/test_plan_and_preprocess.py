@@ -224,15 +224,6 @@ def test_console_script_runs_end_to_end(tmp_path):
     assert "clip_fraction None" not in result.stdout and "clip_fraction 0" in result.stdout
 
 
-def test_demo_smoke(tmp_path, capsys):
-    from nndiff.run.demo import main
-
-    assert main(["-o", str(tmp_path / "demo"), "--smoke"]) == 0
-    out = capsys.readouterr().out
-    assert "Dataset001" in out and "Dataset002" in out and "finished" in out
-    assert (tmp_path / "demo" / "preprocessed").is_dir()
-
-
 def _drop_a_channel(folder: Path) -> str:
     victim = sorted((folder / "imagesTr").glob("*_0001.nii.gz"))[0]
     victim.unlink()
