@@ -6,6 +6,10 @@ printed with the estimate, the measured reserved memory and the ratios to target
 
     PYTHONPATH=. python benchmarks/memory_plan.py [kind:target:config ...]    # eager
     COMPILE=1 PYTHONPATH=. python benchmarks/memory_plan.py ...               # torch.compile
+    ACT_SCALE_2D=0.4 ACT_SCALE_3D=0.5 COMPILE=1 ...   # plan with a candidate activation calibration
+
+ACT_SCALE_2D / ACT_SCALE_3D replace MemoryModel.activation_scale_2d/_3d of the planner's memory
+model for this run (see benchmarks/memory_calibrate.py, which derives them from measured rows).
 
 Fingerprints are the large synthetic ones of tests/planning/planning_fixtures.py. Results and the
 command used are recorded in documentation/benchmarks.md.
@@ -17,6 +21,13 @@ import torch.nn.functional as F
 from planning_fixtures import ct_fingerprint, mr_fingerprint, xray_fingerprint, dataset_json
 from nndiff.planning import plan_experiment, estimate_training_vram
 from nndiff.networks import build_network
+import dataclasses
+import nndiff.planning.memory as memory
+
+_scales = {k: float(os.environ[e]) for k, e in (("activation_scale_2d", "ACT_SCALE_2D"),
+                                                  ("activation_scale_3d", "ACT_SCALE_3D")) if e in os.environ}
+if _scales:
+    memory.DEFAULT_MEMORY_MODEL = dataclasses.replace(memory.DEFAULT_MEMORY_MODEL, **_scales)
 
 compile_ = os.environ.get("COMPILE") == "1"
 cases = [(k, t, n) for k, t, n in [
@@ -52,7 +63,8 @@ for kind, target, name in cases:
     est = estimate_training_vram(net, patch, batch)
     row = dict(case=f"{kind}:{target}:{name}", patch=patch, batch=batch, target=target,
                estimate=round(est.total_gib, 3), static=round(est.static_gib, 3), act=round(est.activations_gib, 3),
-               attn=round(est.attention_scores_gib, 3),
+               attn=round(est.attention_scores_gib, 3), workspace=est.workspace_gib,
+               activation_scale=memory.DEFAULT_MEMORY_MODEL.activation_scale(net["spatial_dims"]),
                reserved=round(torch.cuda.max_memory_reserved() / 2**30, 3),
                allocated=round(torch.cuda.max_memory_allocated() / 2**30, 3), compile=compile_,
                sec=round(time.time() - t0, 1))

@@ -86,6 +86,17 @@ class MemoryModel:
     workspace_gib: float = 0.35
     #: Convolution kernel size of the UNet.
     kernel_size: int = 3
+    #: Multiplier on the activation estimate per spatial dimensionality. The walk above counts what
+    #: eager PyTorch keeps; the trainer runs the step under torch.compile on CUDA, whose fused
+    #: GroupNorm/SiLU/scale-shift kernels keep fewer tensors. Calibrated on the GPU with
+    #: benchmarks/memory_plan.py + memory_calibrate.py (documentation/benchmarks.md, "Memory plan
+    #: check": the largest ratio of measured to estimated activations over the planned 8/24/64 GiB
+    #: cases on an H200, 2026-12-04); 1.0 would be eager PyTorch.
+    activation_scale_2d: float = 0.39
+    activation_scale_3d: float = 0.49
+
+    def activation_scale(self, spatial_dims: int) -> float:
+        return self.activation_scale_2d if int(spatial_dims) == 2 else self.activation_scale_3d
 
 
 DEFAULT_MEMORY_MODEL = MemoryModel(compute_bytes={"bf16": 2, "fp16": 2, "fp32": 4})
@@ -209,8 +220,9 @@ def level_shapes(net: Mapping[str, Any], patch_size: Sequence[int]) -> list[list
 
 
 def attention_score_bytes(tokens: float, heads: int, dtype: str = "bf16",
-                          model: MemoryModel = DEFAULT_MEMORY_MODEL) -> float:
+                          model: MemoryModel | None = None) -> float:
     """Math-path attention score memory of one attention layer, one sample: quadratic in tokens."""
+    model = model or DEFAULT_MEMORY_MODEL
     return model.attention_score_copies * model.compute_bytes[dtype] * heads * tokens * tokens
 
 
@@ -274,13 +286,14 @@ def _per_sample_activation_bytes(net: Mapping[str, Any], patch_size: Sequence[in
 
 
 def estimate_training_vram(network: Mapping[str, Any], patch_size: Sequence[int], batch_size: int,
-                           dtype: str = "bf16", model: MemoryModel = DEFAULT_MEMORY_MODEL) -> VramEstimate:
+                           dtype: str = "bf16", model: MemoryModel | None = None) -> VramEstimate:
     """Estimated ``torch.cuda.max_memory_reserved()`` of one training step, with its breakdown.
 
     ``network`` is a plans network block, ``patch_size`` has ``spatial_dims`` entries, ``dtype`` is
     the autocast dtype ("bf16", "fp16") or "fp32". Attention is counted on the math path
     (quadratic in tokens), see the module docstring.
     """
+    model = model or DEFAULT_MEMORY_MODEL  # looked up at call time so a calibration can replace it
     if dtype not in model.compute_bytes:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(model.compute_bytes)}")
     if len(patch_size) != int(network["spatial_dims"]):
@@ -290,7 +303,7 @@ def estimate_training_vram(network: Mapping[str, Any], patch_size: Sequence[int]
     per_param = (model.weight_bytes + model.grad_bytes + model.adamw_state_bytes + model.ema_bytes
                  + model.optimizer_temp_bytes + (model.autocast_weight_copy_bytes if dtype != "fp32" else 0))
     act, scores, tembs = _per_sample_activation_bytes(network, patch_size, dtype, model)
-    factor = model.allocator_factor
+    factor = model.allocator_factor * model.activation_scale(network["spatial_dims"])
     static_gib = params * per_param / GIB
     act_gib = batch_size * act * factor / GIB
     total = static_gib + act_gib + model.workspace_gib
@@ -302,13 +315,13 @@ def estimate_training_vram(network: Mapping[str, Any], patch_size: Sequence[int]
 
 
 def estimate_training_vram_gib(network: Mapping[str, Any], patch_size: Sequence[int], batch_size: int,
-                               dtype: str = "bf16", model: MemoryModel = DEFAULT_MEMORY_MODEL) -> float:
+                               dtype: str = "bf16", model: MemoryModel | None = None) -> float:
     """Estimated GPU memory (GiB) of one training step; see :func:`estimate_training_vram`."""
     return estimate_training_vram(network, patch_size, batch_size, dtype, model).total_gib
 
 
 def per_sample_and_static_gib(network: Mapping[str, Any], patch_size: Sequence[int], dtype: str = "bf16",
-                              model: MemoryModel = DEFAULT_MEMORY_MODEL) -> tuple[float, float]:
+                              model: MemoryModel | None = None) -> tuple[float, float]:
     """(GiB per extra sample, GiB independent of the batch): the estimate is linear in batch size."""
     one = estimate_training_vram(network, patch_size, 1, dtype, model)
     two = estimate_training_vram(network, patch_size, 2, dtype, model)

@@ -571,6 +571,12 @@ class Trainer:
                  f"{self.total_iterations} iterations ({self.settings.num_iterations_per_epoch} per epoch), "
                  f"device {self.device}, precision {self.autocast_dtype or torch.float32}, "
                  f"compile {self.use_compile}, {self.num_workers} loader worker(s)")
+        if self.device.type == "cuda" and not self.use_compile:
+            # the planner's memory estimate is calibrated on compiled steps (planning/memory.py)
+            self.log("torch.compile is off: the planned patch and batch size assume a compiled training step, "
+                     "which keeps about half the activations of eager PyTorch; if CUDA runs out of memory, "
+                     "turn compile back on (unset nnDiff_compile) or lower batch_size in an inherits_from "
+                     "configuration (documentation/training.md)", level=logging.WARNING)
         if self.fold == FOLD_ALL:
             self.log("fold 'all': validating on the training cases; the validation loss measures fit, "
                      "not generalisation")

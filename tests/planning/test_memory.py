@@ -1,6 +1,8 @@
 """The training-memory estimate: attention is quadratic in tokens, every part is counted."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -38,7 +40,23 @@ def test_attention_score_memory_is_quadratic_in_tokens():
     # 2 encoder + 3 decoder + 1 middle attention layers at level 2, 128 channels → 4 heads, 2 samples
     per_layer = DEFAULT_MEMORY_MODEL.attention_score_copies * 2 * 4 * 1024**2
     expected = 6 * 2 * per_layer * DEFAULT_MEMORY_MODEL.allocator_factor / GIB
-    assert large.attention_scores_gib == pytest.approx(expected, rel=1e-12)
+    assert large.attention_scores_gib == pytest.approx(expected * DEFAULT_MEMORY_MODEL.activation_scale_2d,
+                                                       rel=1e-12)
+
+
+def test_activation_scale_multiplies_activations_only_per_dimensionality():
+    eager = dataclasses.replace(DEFAULT_MEMORY_MODEL, activation_scale_2d=1.0, activation_scale_3d=1.0)
+    half_3d = dataclasses.replace(eager, activation_scale_3d=0.5)
+    net2, net3 = _net(), _net(dims=3)
+    a, b = estimate_training_vram(net3, [32, 32, 32], 2, model=eager), estimate_training_vram(
+        net3, [32, 32, 32], 2, model=half_3d)
+    assert b.activations_gib == pytest.approx(0.5 * a.activations_gib, rel=1e-12)
+    assert b.static_gib == a.static_gib and b.workspace_gib == a.workspace_gib
+    # the 2D estimate is untouched by the 3D scale
+    assert estimate_training_vram(net2, [64, 64], 2, model=half_3d) == estimate_training_vram(
+        net2, [64, 64], 2, model=eager)
+    # the calibrated default (torch.compile keeps fewer tensors than eager) is below 1
+    assert 0 < DEFAULT_MEMORY_MODEL.activation_scale_2d < 1 and 0 < DEFAULT_MEMORY_MODEL.activation_scale_3d < 1
 
 
 def test_removing_attention_lowers_the_estimate_by_more_than_the_scores():
