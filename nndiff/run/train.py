@@ -24,6 +24,7 @@ DEFAULT_PLANS = "nnDiffPlans"
 #: not landed yet are absent: asking for them gives an error that says so.
 DEFAULT_TRAINERS: dict[str, str] = {
     TaskFamily.GENERATION.value: "GenerationTrainer",
+    TaskFamily.TRANSLATION.value: "TranslationTrainer",
 }
 
 
