@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "nndiff.predictors"
 #: Predictor modules outside the trainer modules, imported on a lookup miss (importing registers them).
 PREDICTOR_MODULES: tuple[str, ...] = (
     "nndiff.tasks.generation_predictor",
+    "nndiff.tasks.translation_predictor",
 )
 #: trainer class name -> predictor class.
 PREDICTORS: dict[str, type] = {}
