@@ -317,9 +317,9 @@ class SingleCoilMRI(LinearOperator):
 
     def __init__(self, mask: Tensor, source: str | None = None):
         mask = torch.as_tensor(mask)
-        w = mask.shape[-1]
-        h = mask.shape[-2] if mask.ndim >= 2 else 1
-        self.mask = expand_mask(mask, (*mask.shape[:-2], h, w) if mask.ndim >= 2 else (1, w), source)
+        if mask.ndim == 1:  # fastMRI's (W,) columns
+            mask = mask.reshape(1, -1)
+        self.mask = expand_mask(mask, tuple(mask.shape), source)  # checks values; k-space checked per call
         self.source = source
 
     @property
@@ -327,7 +327,8 @@ class SingleCoilMRI(LinearOperator):
         return tuple(self.mask.shape[-2:])
 
     def _mask_like(self, k: Tensor) -> Tensor:
-        if self.mask.shape[-2] != 1 and self.mask.shape[-2] != k.shape[-2] or self.mask.shape[-1] != k.shape[-1]:
+        rows, cols = self.mask.shape[-2:]
+        if (rows != 1 and rows != k.shape[-2]) or cols != k.shape[-1]:
             raise MeasurementError(
                 f"{_where(self.source)}k-space shape {tuple(k.shape)} disagrees with mask shape {tuple(self.mask.shape)}"
             )
@@ -363,8 +364,8 @@ class MultiCoilMRI(SingleCoilMRI):
                 f"{_where(source)}sens_maps must be (C, H, W) or (B, C, H, W), got shape {tuple(sens_maps.shape)}"
             )
         check_finite(sens_maps, "sens_maps", source)
-        if self.mask.shape[-2] != 1 and tuple(sens_maps.shape[-2:]) != tuple(self.mask.shape[-2:]) \
-                or sens_maps.shape[-1] != self.mask.shape[-1]:
+        rows, cols = self.mask.shape[-2:]
+        if (rows != 1 and rows != sens_maps.shape[-2]) or cols != sens_maps.shape[-1]:
             raise MeasurementError(
                 f"{_where(source)}sens_maps shape {tuple(sens_maps.shape)} disagrees with mask shape "
                 f"{tuple(self.mask.shape)} (last two axes must match)"
@@ -375,19 +376,20 @@ class MultiCoilMRI(SingleCoilMRI):
     def num_coils(self) -> int:
         return self.sens_maps.shape[-3]
 
-    def _maps_like(self, t: Tensor) -> Tensor:
+    def maps_like(self, t: Tensor) -> Tensor:
+        """The maps on ``t``'s device in its complex dtype."""
         return self.sens_maps.to(device=t.device, dtype=t.dtype if t.is_complex() else torch.complex64)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 3 or x.shape[-3] != 1:
             raise MeasurementError(f"multi-coil image must be (..., 1, H, W), got shape {tuple(x.shape)}")
         _check_image_plane(x, tuple(self.sens_maps.shape[-2:]), "image")
-        return super().forward(self._maps_like(x) * x)
+        return super().forward(self.maps_like(x) * x)
 
     def adjoint(self, y: Tensor) -> Tensor:
         self._check_coils(y)
         coil_images = super().adjoint(y)
-        return (self._maps_like(coil_images).conj() * coil_images).sum(dim=-3, keepdim=True)
+        return (self.maps_like(coil_images).conj() * coil_images).sum(dim=-3, keepdim=True)
 
     def _check_coils(self, y: Tensor, source: str | None = None) -> None:
         if y.ndim < 3 or y.shape[-3] != self.num_coils or tuple(y.shape[-2:]) != tuple(self.sens_maps.shape[-2:]):
@@ -505,6 +507,8 @@ class ParallelBeamCT(LinearOperator):
         detector_spacing: bin width in pixels.
         ray_step: spacing of the points along each ray, in pixels.
         chunk_points: sample points processed at once (bounds the temporary memory).
+        cache_points: geometries with at most this many sample points keep their indices and weights
+            per (device, dtype) (12 bytes a point; sampling applies A and A^T at every step).
     """
 
     def __init__(
@@ -515,6 +519,7 @@ class ParallelBeamCT(LinearOperator):
         detector_spacing: float = 1.0,
         ray_step: float = 1.0,
         chunk_points: int = 1 << 22,
+        cache_points: int = 1 << 24,
     ):
         if len(image_shape) != 2 or min(image_shape) < 1:
             raise MeasurementError(f"CT image_shape must be (H, W), got {tuple(image_shape)}")
@@ -530,8 +535,9 @@ class ParallelBeamCT(LinearOperator):
         self.ray_step = float(ray_step)
         self.num_ray_points = int(math.ceil(diagonal / ray_step)) + 1
         self.chunk_angles = max(1, int(chunk_points) // (self.num_detectors * self.num_ray_points * 4))
-        # small geometries (one chunk) keep their weights per (device, dtype): sampling calls A often
-        self._cache: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
+        total = self.angles.numel() * self.num_detectors * self.num_ray_points * 4
+        self.cached = total <= int(cache_points)
+        self._cache: dict[tuple[str, torch.dtype], list[tuple[slice, Tensor, Tensor]]] = {}
 
     @property
     def sinogram_shape(self) -> tuple[int, int]:
@@ -560,20 +566,20 @@ class ParallelBeamCT(LinearOperator):
         wts = torch.stack(weights, dim=-1).reshape(a.numel(), self.num_detectors, -1) * self.ray_step
         return idx, wts
 
-    def _chunks(self, device: torch.device, dtype: torch.dtype):
-        """(angle slice, indices, weights in ``dtype``) per chunk of angles."""
+    def _chunks(self, device: torch.device, dtype: torch.dtype) -> list[tuple[slice, Tensor, Tensor]]:
+        """(angle slice, indices, weights in ``dtype``) per chunk of angles (cached when small)."""
+        key = (str(device), dtype)
+        if key in self._cache:
+            return self._cache[key]
         n = self.angles.numel()
-        if n <= self.chunk_angles:
-            key = (str(device), dtype)
-            if key not in self._cache:
-                idx, wts = self._weights(self.angles, device)
-                self._cache[key] = (idx, wts.to(dtype))
-            yield (slice(0, n), *self._cache[key])
-            return
+        chunks = []
         for start in range(0, n, self.chunk_angles):
             part = slice(start, min(start + self.chunk_angles, n))
             idx, wts = self._weights(self.angles[part], device)
-            yield part, idx, wts.to(dtype)
+            chunks.append((part, idx, wts.to(dtype)))
+        if self.cached:
+            self._cache[key] = chunks
+        return chunks
 
     def _check_image(self, x: Tensor) -> None:
         if x.is_complex():

@@ -289,13 +289,15 @@ def test_ct_adjoint(views, shape):
 def test_ct_chunked_equals_whole_and_batches():
     angles = parallel_beam_angles(10)
     whole = ParallelBeamCT((12, 12), angles)
-    chunked = ParallelBeamCT((12, 12), angles, chunk_points=whole.num_detectors * whole.num_ray_points * 4 * 3)
-    assert chunked.chunk_angles == 3
+    chunked = ParallelBeamCT((12, 12), angles, chunk_points=whole.num_detectors * whole.num_ray_points * 4 * 3,
+                             cache_points=0)
+    assert chunked.chunk_angles == 3 and whole.cached and not chunked.cached
     x = torch.randn(3, 2, 12, 12, dtype=F64)
     s = whole.forward(x)
     assert s.shape == (3, 2, 10, whole.num_detectors)
     assert torch.allclose(chunked.forward(x), s, atol=1e-12)
     assert torch.allclose(chunked.adjoint(s), whole.adjoint(s), atol=1e-12)
+    assert torch.allclose(whole.forward(x), s, atol=0) and torch.allclose(chunked.forward(x), s, atol=1e-12)  # reuse
     assert torch.allclose(whole.forward(x[1:2, 1:2]), s[1:2, 1:2], atol=1e-12)
 
 
