@@ -118,7 +118,7 @@ class _Projection:
 
     def target(self, t: float, z: Tensor) -> Tensor:
         """The measurement the image ``z`` (operator layout) must match at process time ``t``."""
-        y = self.measurement.to(device=z.device, dtype=z.dtype if z.is_complex() else self.measurement.dtype)
+        y = self.measurement.to(device=z.device, dtype=z.dtype)  # the sample's precision decides
         alpha, sigma = self._coefficients(t)
         if alpha == 1.0 and sigma == 0.0:
             return y
@@ -160,7 +160,7 @@ class KSpaceReplacement(_Projection):
         op = self.operator
         measured = op.mask.to(z.device) > 0
         if isinstance(op, MultiCoilMRI):
-            maps = op._maps_like(z)
+            maps = op.maps_like(z)
             k = torch.where(measured, y, fft2c(maps * z))
             return (maps.conj() * ifft2c(k)).sum(dim=-3, keepdim=True)
         return ifft2c(torch.where(measured, y, fft2c(z)))
