@@ -45,6 +45,8 @@ setup(
             "nndiff_plan_and_preprocess=nndiff.run.plan_and_preprocess:plan_and_preprocess_entry",
             "nndiff_train=nndiff.run.train:train_entry",
             "nndiff_plan_and_train=nndiff.run.train:plan_and_train_entry",
+            "nndiff_predict=nndiff.inference.cli:predict_entry",
+            "nndiff_evaluate_folder=nndiff.run.evaluate:evaluate_folder_entry",
             "nndiff_demo=nndiff.run.demo:main",
             "nndiff_convert_mni152=nndiff.dataset_conversion.mni152:main",
         ],

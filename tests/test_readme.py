@@ -26,8 +26,28 @@ def test_ci_installs_cpu_torch_before_the_package():
 
 def test_every_console_script_is_documented_in_cli_md():
     setup = (ROOT / "setup.py").read_text()
-    scripts = re.findall(r'"(nndiff_[a-z_]+)=', setup)
+    scripts = re.findall(r'"(nndiff_[a-z0-9_]+)=', setup)
     cli = (ROOT / "documentation" / "cli.md").read_text()
     assert scripts, "no console scripts found in setup.py"
     for script in scripts:
         assert f"`{script}`" in cli, f"{script} missing from documentation/cli.md"
+
+
+def _cli_md_status() -> dict[str, str]:
+    """Command name → last column (status) of each documentation/cli.md table row."""
+    cli = (ROOT / "documentation" / "cli.md").read_text()
+    rows = {}
+    for line in cli.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        for name in re.findall(r"`(nndiff_[a-z0-9_]+)`", cells[0]) if line.startswith("| `nndiff") else []:
+            rows[name] = cells[-1]
+    return rows
+
+
+def test_cli_md_status_matches_setup_py():
+    """A command is 'available' in cli.md exactly when setup.py installs it."""
+    scripts = set(re.findall(r'"(nndiff_[a-z0-9_]+)=', (ROOT / "setup.py").read_text()))
+    status = _cli_md_status()
+    available = {name for name, s in status.items() if s.startswith("available")}
+    assert available == scripts, (f"cli.md says available but not installed: {sorted(available - scripts)}; "
+                                  f"installed but not marked available: {sorted(scripts - available)}")

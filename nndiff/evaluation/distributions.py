@@ -26,7 +26,11 @@ DEFAULT_MAX_INTENSITY_VALUES = 1_000_000
 def _quantiles(values: np.ndarray, count: int) -> np.ndarray:
     """``count`` mid-point quantiles ``(k + 0.5) / count`` of ``values`` (deterministic subsample)."""
     levels = (np.arange(count) + 0.5) / count
-    return np.quantile(values, levels, method="inverted_cdf")
+    # inverted-CDF quantiles by one sort and indexing: np.quantile with 10^6 levels partitions once
+    # per level and took minutes on 1.6 M values (64 samples of 160x160).
+    ordered = np.sort(values, kind="stable")
+    index = np.clip(np.ceil(levels * ordered.size).astype(np.int64) - 1, 0, ordered.size - 1)
+    return ordered[index]
 
 
 def wasserstein1(a: np.ndarray, b: np.ndarray, max_values: int = DEFAULT_MAX_INTENSITY_VALUES) -> float:

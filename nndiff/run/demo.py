@@ -46,6 +46,8 @@ GRID_FILE = "demo_grid.png"
 SUMMARY_FILE = "demo_summary.json"
 #: Folders below OUTPUT that the demo owns and replaces on every run.
 OWNED_FOLDERS = ("raw", "preprocessed", "results", "samples", "evaluation")
+#: Distance kept free between training and held-out slices (10 slices at 2 mm, the converter default).
+GAP_MM = 20
 STAGES = ("convert", "plan_preprocess", "train", "sample", "evaluate", "grid")
 
 
@@ -79,13 +81,13 @@ class DemoSettings:
 
 
 FULL = DemoSettings(
-    resolution_mm=2, spacing_mm=4.0, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-    attention_levels=(2,), norm_groups=8, batch_size=8, iterations=800, iterations_per_epoch=100,
+    resolution_mm=1, spacing_mm=4.0, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+    attention_levels=(2,), norm_groups=8, batch_size=8, iterations=600, iterations_per_epoch=100,
     initial_lr=2e-3, warmup_iterations=50, num_val_cases=8, sampler="dpm_solver_pp_2m",
     num_sampling_steps=25, num_samples=16,
 )
 SMOKE = DemoSettings(
-    resolution_mm=2, spacing_mm=8.0, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+    resolution_mm=1, spacing_mm=8.0, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
     attention_levels=(1,), norm_groups=4, batch_size=2, iterations=4, iterations_per_epoch=2,
     initial_lr=1e-3, warmup_iterations=1, num_val_cases=2, sampler="dpm_solver_pp_2m",
     num_sampling_steps=3, num_samples=2,
@@ -216,8 +218,8 @@ def convert_stage(paths: Any, settings: DemoSettings) -> Path:
     """MNI152 -> 2D axial slices (held-out slab in imagesTs); returns the raw dataset folder."""
     from nndiff.dataset_conversion.mni152 import convert_mni152
 
-    return convert_mni152(paths.raw, DATASET_ID, mode="2d_slices", axis="axial",
-                          resolution=settings.resolution_mm, name=DATASET_NAME)
+    return convert_mni152(paths.raw, DATASET_ID, mode="2d_slices", axis="axial", resolution=settings.resolution_mm,
+                          gap=round(GAP_MM / settings.resolution_mm), name=DATASET_NAME)
 
 
 def plan_and_preprocess_stage(paths: Any, settings: DemoSettings) -> tuple[dict, Path]:
@@ -513,7 +515,7 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=Path("nndiff_demo_output"), type=Path,
                    help="working folder (default ./nndiff_demo_output); the demo's folders in it are replaced")
     p.add_argument("--smoke", action="store_true", help="tiny version for tests (seconds, meaningless numbers)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: 600; smoke 4)")
+    p.add_argument("--iterations", type=int, default=None, help=f"training iterations (default: {FULL.iterations}; smoke {SMOKE.iterations})")
     p.add_argument("--num_samples", type=int, default=None, help="samples per model (default: 16; smoke 2)")
     p.add_argument("-device", "--device", default="cpu", choices=("cpu", "cuda", "auto"),
                    help="device for training and sampling (default cpu)")

@@ -170,3 +170,12 @@ def test_kernel_distance_same_vs_shifted(rng):
     whole = kernel_distance(x[:30], y[:30], subset_size=1000)
     assert whole["num_subsets"] == 1 and whole["subset_size"] == 30
     assert whole["mean"] == pytest.approx(mmd2_unbiased(x[:30], y[:30]), rel=1e-12)
+
+
+@pytest.mark.parametrize("size,count", [(1000, 37), (5000, 1000), (777, 777), (10, 3)])
+def test_subsampling_quantiles_equal_numpys_inverted_cdf(size, count):
+    from nndiff.evaluation.distributions import _quantiles
+
+    values = np.random.default_rng(size).normal(size=size)
+    levels = (np.arange(count) + 0.5) / count
+    assert np.array_equal(_quantiles(values, count), np.quantile(values, levels, method="inverted_cdf"))
