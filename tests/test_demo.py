@@ -212,7 +212,7 @@ def test_comparison_table_layout():
                               "untrained": evaluation(80.0, 0.01, 0.05, 0.0)}, floor_w1=9.5)
     lines = table.splitlines()
     assert lines[0].split()[-2:] == ["trained", "untrained"]
-    assert lines[2].endswith("12.35     80.00") and "(real: 9.5)" in lines[2]
+    assert lines[2].endswith("12.35     80.00") and "(training slices: 9.5)" in lines[2]
     assert lines[3].endswith("0.250     0.010") and "(real: 0.5)" in lines[3]
     assert lines[4].endswith("0.600     0.050") and "(real: 0.7)" in lines[4]
     assert lines[5].endswith("0.00      0.00")
