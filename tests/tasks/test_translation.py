@@ -269,9 +269,9 @@ def test_conditioning_drives_the_output(tmp_path):
     source far more than another case's."""
     paths = _paths(tmp_path)
     _paired_2d(paths.raw, 73, 8, seed=0)
-    training = {"num_iterations_per_epoch": 100, "num_epochs": 3, "initial_lr": 2e-3, "warmup_iterations": 20,
+    training = {"num_iterations_per_epoch": 60, "num_epochs": 2, "initial_lr": 2e-3, "warmup_iterations": 20,
                 "ema_decay": 0.99, "num_val_cases": 1, "progress_every_epochs": 10}
-    _prepare(paths, 73, {"tiny": _tiny("2d", 2, training=training, batch_size=8, diffusion={"num_sampling_steps": 8})})
+    _prepare(paths, 73, {"tiny": _tiny("2d", 2, training=training, batch_size=4, diffusion={"num_sampling_steps": 8})})
     train_fold(73, "tiny", "all", paths, trainer="TranslationTrainer", device="cpu", num_workers=0)
     test = _paired_2d(tmp_path / "test", 73, 4, seed=5, folder="Ts")
     out = tmp_path / "pred"
