@@ -305,7 +305,9 @@ def _spatial_dims(x: Tensor, spatial_dims: int | None) -> int:
             )
         return inferred
     if spatial_dims not in (2, 3) or x.ndim < spatial_dims:
-        raise DegradationError(f"spatial_dims must be 2 or 3 and at most x.ndim, got {spatial_dims} for {tuple(x.shape)}")
+        raise DegradationError(
+            f"spatial_dims must be 2 or 3 and at most x.ndim, got {spatial_dims} for {tuple(x.shape)}"
+        )
     return spatial_dims
 
 
@@ -340,7 +342,9 @@ def estimate_noise_sigma(image: Tensor, *, spatial_dims: int | None = None, mask
     """
     dims = _spatial_dims(image, spatial_dims)
     if image.is_complex() or min(image.shape[-dims:]) < 2:
-        raise DegradationError(f"noise estimation needs a real image with >= 2 voxels per axis, got {tuple(image.shape)}")
+        raise DegradationError(
+            f"noise estimation needs a real image with >= 2 voxels per axis, got {tuple(image.shape)}"
+        )
     details = haar_diagonal_details(image.to(torch.float64), dims).abs()
     lead = image.shape[:-dims]
     if mask is None:
@@ -348,7 +352,9 @@ def estimate_noise_sigma(image: Tensor, *, spatial_dims: int | None = None, mask
     try:
         full = torch.broadcast_to(mask.to(device=image.device, dtype=torch.bool), image.shape)
     except RuntimeError:
-        raise DegradationError(f"mask of shape {tuple(mask.shape)} does not broadcast to the image {tuple(image.shape)}") from None
+        raise DegradationError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the image {tuple(image.shape)}"
+        ) from None
     flat = details.reshape(-1, math.prod(details.shape[-dims:]))
     keep = _block_mask(full, dims).reshape(flat.shape)
     sigmas = []
