@@ -7,6 +7,7 @@ For the generation family (this version): held-out real images (REF) against gen
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -133,6 +134,17 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _evaluate_translation(args: argparse.Namespace, dataset_json: Path, output: Path) -> None:
+    """Translation datasets: REF holds reference targets (e.g. targetsTs), PRED the predicted targets
+    (nndiff.evaluation.translation); generation-only flags are ignored."""
+    from nndiff.evaluation.translation import evaluate_translation_folders, format_translation_table
+
+    summary = evaluate_translation_folders(args.reference, args.prediction, dataset_json=dataset_json,
+                                           data_range=args.data_range, output_file=output)
+    print(format_translation_table(summary))
+    print(f"summary: {output}")
+
+
 def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
     from nndiff.evaluation.generation_folders import evaluate_generation_folders
     from nndiff.evaluation.memorization import NEAR_COPY_SSIM
@@ -141,6 +153,9 @@ def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
     configure_logging(args)
     dataset_json, fingerprint = _dataset_files(args)
     output = args.output if args.output is not None else args.prediction / SUMMARY_FILE
+    if dataset_json.is_file() and json.loads(dataset_json.read_text()).get("task") == "translation":
+        _evaluate_translation(args, dataset_json, output)
+        return
     summary = evaluate_generation_folders(
         args.reference, args.prediction,
         training_dir=_training_dir(args, dataset_json),
