@@ -27,6 +27,7 @@ from nndiff.inference import predictor_class_for
 from nndiff.inference.cli import predict_entry
 from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
+from nndiff.run.evaluate import evaluate_folder_entry
 from nndiff.run.train import default_trainer
 from nndiff.tasks.translation import (
     MISSING_CHANNELS_KEY,
@@ -223,6 +224,10 @@ def test_train_predict_monte_carlo_and_evaluate_3d(ct_model, tmp_path):
 
     summary = evaluate_translation_folders(heldout / "targetsTr", out, dataset_json=heldout / "dataset.json")
     assert summary == load_json(out / "summary.json")
+    # nndiff_evaluate_folder dispatches on the dataset's task
+    assert evaluate_folder_entry([str(heldout / "targetsTr"), str(out), "--dataset_json", str(heldout / "dataset.json"),
+                                  "-o", str(tmp_path / "cli.json")]) == 0
+    assert load_json(tmp_path / "cli.json") == summary
     assert summary["inputs"]["num_cases"] == 2 and summary["inputs"]["with_uncertainty"]
     case = summary["per_case"]["case_000"]
     reference = read_images([heldout / "targetsTr" / "case_000_0000.nii.gz"])[0]
