@@ -22,6 +22,7 @@ setup(
         "batchgenerators>=0.25",
         "tqdm>=4.60",
         "matplotlib>=3.6",
+        "scikit-image>=0.21",  # denoising baselines (non-local means, total variation) in evaluation
     ],
     extras_require={
         "test": [
@@ -30,7 +31,6 @@ setup(
             "pytest-xdist>=3.3",
             "diffusers>=0.30",  # test oracle for the schedulers (tests/diffusion)
             "opensimplex>=0.4.5",  # test oracle for simplex noise
-            "scikit-image>=0.21",  # test oracle for SSIM (tests/evaluation)
             "nilearn>=0.10",  # ships the MNI152 template the conversion tests use
         ],
         "demo": [
