@@ -1,0 +1,86 @@
+"""Reconstruction family: plan -> train (prior) -> predict (simulate / .npz + sidecar, data consistency)
+-> evaluate on a tiny complex MR dataset; random phase; hard DC exactness; bad inputs; CT smoke."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nndiff.dataset.examples import make_example_dataset
+from nndiff.errors import NnDiffError, PlansError
+from nndiff.paths import Paths
+from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
+from nndiff.tasks.reconstruction import ReconstructionTrainer, apply_phase, random_phase_enabled, smooth_random_phase
+from nndiff.training.api import train_fold
+from nndiff.utils.files import save_json
+
+TINY = {"inherits_from": "2d",
+        "network": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+                    "num_head_channels": 8, "norm_groups": 4, "dropout": 0.0, "strides": [[2, 2]]},
+        "training": {"num_iterations_per_epoch": 2, "num_epochs": 2, "num_val_cases": 2, "warmup_iterations": 1,
+                     "augmentation": "none", "progress_every_epochs": 1},
+        "diffusion": {"num_sampling_steps": 4}}
+DATASET_ID = 81
+
+
+def _paths(root: Path) -> Paths:
+    return Paths(raw=root / "raw", preprocessed=root / "preprocessed", results=root / "results")
+
+
+@pytest.fixture(scope="module")
+def mri_model(tmp_path_factory) -> dict:
+    """complex_npy example (32x32 complex MR slices), planned with a tiny configuration, trained briefly."""
+    root = tmp_path_factory.mktemp("recon")
+    paths = _paths(root)
+    raw = make_example_dataset("complex_npy", paths.raw, DATASET_ID)
+    location = locate_dataset(DATASET_ID, paths)
+    extract_fingerprint_step(location)
+    plans = plan_step(location)
+    plans["configurations"]["tiny"] = TINY
+    save_json(plans, location.plans_file("nnDiffPlans"))
+    preprocess_step(location, configurations=["2d"])
+    torch.manual_seed(0)
+    trainer = train_fold(DATASET_ID, "tiny", 0, paths, trainer="ReconstructionTrainer", device="cpu", num_workers=0)
+    pre = next(p for p in paths.preprocessed.iterdir() if p.is_dir())
+    return {"paths": paths, "raw": raw, "trainer": trainer, "pre": pre, "plans": plans,
+            "model_dir": trainer.output_dir.parent}
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------------
+def test_trainer_learns_complex_prior(mri_model):
+    trainer = mri_model["trainer"]
+    assert isinstance(trainer, ReconstructionTrainer)
+    assert trainer.stored_channels == 2 and not trainer.random_phase  # complex data: real/imag stored
+    assert (trainer.output_dir / "checkpoint_final.pth").is_file()
+    assert list(trainer.output_dir.glob("samples_epoch_*.png"))
+
+
+def test_smooth_random_phase_is_seeded_smooth_and_keeps_magnitude():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    phase = smooth_random_phase((2, 1, 16, 16), g1)
+    assert torch.equal(phase, smooth_random_phase((2, 1, 16, 16), g2))
+    assert not torch.allclose(phase[0], phase[1])
+    # smooth: neighbouring pixels differ by far less than the range
+    assert float(phase.diff(dim=-1).abs().max()) < 0.5
+    magnitude = torch.rand(2, 1, 16, 16)
+    phased = apply_phase(magnitude, phase)
+    assert phased.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(torch.sqrt(phased[:, 0] ** 2 + phased[:, 1] ** 2), magnitude[:, 0])
+    # not Hermitian-symmetric any more: the imaginary part is not zero
+    assert float(phased[:, 1].abs().max()) > 0.01
+
+
+def test_random_phase_setting():
+    config = {"network": {"in_channels": 2}}
+    assert random_phase_enabled(config, 1) is True  # auto: doubled channels
+    assert random_phase_enabled({"network": {"in_channels": 1}}, 1) is False
+    assert random_phase_enabled({"network": {"in_channels": 2}, "reconstruction": {"random_phase": False}}, 1) is False
+    with pytest.raises(PlansError, match="in_channels"):
+        random_phase_enabled({"network": {"in_channels": 1}, "reconstruction": {"random_phase": True}}, 1)
+    with pytest.raises(PlansError, match="in_channels 3"):
+        random_phase_enabled({"network": {"in_channels": 3}}, 1)
