@@ -25,6 +25,7 @@ DEFAULT_PLANS = "nnDiffPlans"
 DEFAULT_TRAINERS: dict[str, str] = {
     TaskFamily.GENERATION.value: "GenerationTrainer",
     TaskFamily.TRANSLATION.value: "TranslationTrainer",
+    TaskFamily.RECONSTRUCTION.value: "ReconstructionTrainer",
 }
 
 
