@@ -2,8 +2,6 @@
 layout, missing-channel masks, sliding-window sampling, metrics with exact answers, bad inputs."""
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from nndiff.evaluation.translation import (
 )
 from nndiff.inference import predictor_class_for
 from nndiff.inference.cli import predict_entry
+from nndiff.inference.predictor import PreparedCase
 from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
 from nndiff.run.evaluate import evaluate_folder_entry
@@ -37,6 +36,7 @@ from nndiff.tasks.translation import (
     condition_image,
     condition_layout,
     drop_channels,
+    sample_translation,
 )
 from nndiff.tasks.translation_predictor import TranslationPredictor, pad_to_patch
 from nndiff.training.api import load_plans, train_fold
@@ -264,6 +264,21 @@ def test_2d_configuration_samples_in_sliding_windows(ct_model):
     assert set(shapes) == {(8, 8)} and len(shapes) == 3 * 9 * batches  # 3 steps x 3x3 windows per batch
     again, _ = predictor.predict_arrays(images, props, "case_000", seed=1)
     assert np.array_equal(out, again)  # seeded per case
+
+
+def test_3d_windowed_sampling_equals_whole_volume_sampling_where_it_fits(ct_model):
+    """One window covering the volume gives the whole-volume sample; a larger volume is windowed."""
+    model_dir = ct_model["paths"].results / ct_model["pre"].name / "TranslationTrainer__nnDiffPlans__tiny_3d"
+    predictor = TranslationPredictor.from_model_folder(model_dir, device="cpu", preprocessed_dir=ct_model["pre"])
+    cond = torch.randn(1, 1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    whole = sample_translation(predictor.model_fn(), predictor.configuration, cond,
+                               generator=torch.Generator().manual_seed(1))
+    windowed = sample_translation(predictor.windowed_model_fn(), predictor.configuration, cond,
+                                  generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(windowed, whole, rtol=1e-5, atol=1e-5)
+    large = torch.randn(1, 12, 20, 16, generator=torch.Generator().manual_seed(2))
+    out = predictor.predict_case(large, PreparedCase("large", large.numpy(), {}), torch.Generator().manual_seed(3))
+    assert out.shape == (1, 12, 20, 16) and torch.isfinite(out).all()
 
 
 # ----------------------------------------------------------------------------------------------
