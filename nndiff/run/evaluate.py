@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from nndiff.errors import NnDiffError
 from nndiff.run.common import add_verbosity_flags, configure_logging, run_cli
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
             "Evaluate generated samples (PRED, e.g. nndiff_predict's sample_XXXX files) against held-out "
             "real images (REF, e.g. the raw dataset's imagesTs): intensity Wasserstein-1, MS-SSIM "
             "diversity, Fréchet/kernel distances (with --feature_extractor) and the memorization check "
-            "against the training images. Writes summary.json and prints a short table."
+            "against the training images. Translation datasets (dataset.json task 'translation'): REF "
+            "holds reference targets and PRED predicted targets; MAE, PSNR and SSIM in original units, "
+            "overall and inside a body mask, and the std-error correlation of Monte-Carlo predictions. "
+            "Writes summary.json and prints a short table."
         ),
     )
     p.add_argument("reference", type=Path, metavar="REF", help="folder of held-out real images")
@@ -134,10 +138,21 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+#: Flags that only mean something for generation evaluation (refused for translation datasets).
+GENERATION_ONLY_FLAGS = ("training", "no_training", "feature_extractor", "max_pairs", "near_copy_ssim",
+                         "memorization_candidates", "fingerprint")
+
+
 def _evaluate_translation(args: argparse.Namespace, dataset_json: Path, output: Path) -> None:
     """Translation datasets: REF holds reference targets (e.g. targetsTs), PRED the predicted targets
-    (nndiff.evaluation.translation); generation-only flags are ignored."""
+    (nndiff.evaluation.translation). Generation-only flags are refused, not ignored."""
     from nndiff.evaluation.translation import evaluate_translation_folders, format_translation_table
+
+    defaults = evaluate_folder_parser().parse_args([str(args.reference), str(args.prediction), "-d", "0"])
+    given = [f"--{name}" for name in GENERATION_ONLY_FLAGS if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        raise NnDiffError(f"{', '.join(given)} only apply to generation datasets, but {dataset_json} has task "
+                          "'translation'. Fix: drop them (translation takes --data_range and -o)")
 
     summary = evaluate_translation_folders(args.reference, args.prediction, dataset_json=dataset_json,
                                            data_range=args.data_range, output_file=output)

@@ -228,6 +228,10 @@ def test_train_predict_monte_carlo_and_evaluate_3d(ct_model, tmp_path):
     assert evaluate_folder_entry([str(heldout / "targetsTr"), str(out), "--dataset_json", str(heldout / "dataset.json"),
                                   "-o", str(tmp_path / "cli.json")]) == 0
     assert load_json(tmp_path / "cli.json") == summary
+    # generation-only flags are refused for a translation dataset, not silently ignored
+    code = evaluate_folder_entry([str(heldout / "targetsTr"), str(out), "--dataset_json", str(heldout / "dataset.json"),
+                                  "--no_training", "--max_pairs", "10", "-o", str(tmp_path / "x.json")])
+    assert code == 2 and not (tmp_path / "x.json").exists()
     assert summary["inputs"]["num_cases"] == 2 and summary["inputs"]["with_uncertainty"]
     case = summary["per_case"]["case_000"]
     reference = read_images([heldout / "targetsTr" / "case_000_0000.nii.gz"])[0]
