@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "nndiff.predictors"
 PREDICTOR_MODULES: tuple[str, ...] = (
     "nndiff.tasks.generation_predictor",
     "nndiff.tasks.translation_predictor",
+    "nndiff.tasks.reconstruction_predictor",
 )
 #: trainer class name -> predictor class.
 PREDICTORS: dict[str, type] = {}
