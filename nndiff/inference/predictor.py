@@ -276,6 +276,16 @@ class Predictor:
                                             identifier=identifier)
         return PreparedCase(identifier, arrays["data"], case_json)
 
+    def write_case_output(self, output: torch.Tensor, case: PreparedCase, output_dir: Path, identifier: str,
+                          num_mc_samples: int) -> list[Path]:
+        """Write one case's network-space output: the Monte-Carlo mean and std for ``num_mc_samples
+        > 1`` (``output`` is then ``(K, ...)``), else the prediction, in the input's geometry and units."""
+        output = output.float().cpu().numpy()
+        if num_mc_samples > 1:
+            return self.write_monte_carlo(list(output), case.case_json, output_dir, identifier)
+        array, props = self.invert(output, case.case_json)
+        return write_output(array, props, output_dir, identifier, self.file_ending)
+
     def _run_case(self, case: PreparedCase, seed: int, num_samples: int) -> torch.Tensor:
         generator = self.make_generator(seed, case.identifier)
         data = torch.from_numpy(np.ascontiguousarray(case.data)).to(self.device)
@@ -321,12 +331,8 @@ class Predictor:
         for item in cases:
             images, properties = read_images(item.files)
             case = self.prepare_case(images, properties, item.identifier)
-            output = self._run_case(case, seed, num_mc_samples).float().cpu().numpy()
-            if num_mc_samples > 1:
-                written += self.write_monte_carlo(list(output), case.case_json, output_dir, item.identifier)
-            else:
-                array, props = self.invert(output, case.case_json)
-                written += write_output(array, props, output_dir, item.identifier, self.file_ending)
+            output = self._run_case(case, seed, num_mc_samples)
+            written += self.write_case_output(output, case, output_dir, item.identifier, num_mc_samples)
             logger.info("predicted %s", item.identifier)
         self._write_info(output_dir, seed, {"mode": "predict", "input_dir": str(input_dir),
                                             "num_cases": len(cases), "num_mc_samples": num_mc_samples})

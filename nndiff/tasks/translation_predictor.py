@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nndiff.errors import DatasetError, NnDiffError, PlansError
-from nndiff.inference.files import InputCase, write_output
+from nndiff.inference.files import InputCase
 from nndiff.inference.predictor import PreparedCase, Predictor
 from nndiff.inference.registry import register_predictor
 from nndiff.tasks.translation import (
@@ -180,12 +180,8 @@ class TranslationPredictor(Predictor):
             case = self.prepare_with_missing(images, properties, item.identifier, missing)
             if missing:
                 incomplete[item.identifier] = missing
-            output = self._run_case(case, seed, num_mc_samples).float().cpu().numpy()
-            if num_mc_samples > 1:
-                written += self.write_monte_carlo(list(output), case.case_json, output_dir, item.identifier)
-            else:
-                array, props = self.invert(output, case.case_json)
-                written += write_output(array, props, output_dir, item.identifier, self.file_ending)
+            output = self._run_case(case, seed, num_mc_samples)
+            written += self.write_case_output(output, case, output_dir, item.identifier, num_mc_samples)
             logger.info("predicted %s%s", item.identifier, f" (missing channels {missing})" if missing else "")
         self._write_info(output_dir, seed, {"mode": "predict", "input_dir": str(input_dir), "num_cases": len(cases),
                                             "num_mc_samples": num_mc_samples, "missing_channels": incomplete})
