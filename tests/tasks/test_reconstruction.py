@@ -128,3 +128,73 @@ def test_simulate_predict_and_evaluate(mri_model, tmp_path):
         assert np.isfinite(summary["mean"]["reconstruction"][key])
     assert summary["mean"]["dc_residual"] < 1e-3  # hard projection: measured samples kept
     assert (out / "summary.json").is_file()
+
+
+def _npz_case(mri_model, folder: Path, name="knee", acceleration=4.0, sidecar=True, **overrides) -> tuple[Path, np.ndarray]:
+    """A single-coil measurement of a training image (complex), as {name}.npz (+ sidecar)."""
+    from nndiff.tasks.operators import fft2c, undersampling_mask
+
+    stored = np.load(sorted((mri_model["raw"] / "imagesTr").glob("*_0000.npy"))[0])
+    image = stored.reshape(stored.shape[-2:])
+    mask = undersampling_mask(image.shape, acceleration, 0.08, "random", seed=5).numpy()[0]  # (W,) fastMRI columns
+    kspace = (fft2c(torch.from_numpy(image)).numpy() * mask).astype(np.complex64)
+    arrays = {"kspace": kspace, "mask": mask.astype(np.float32), **overrides}
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{name}.npz", **arrays)
+    if sidecar:
+        (folder / f"{name}.json").write_text(json.dumps({"spacing": [0.5, 0.5]}))
+    return folder / f"{name}.npz", image
+
+
+def test_npz_case_hard_dc_keeps_measured_kspace(mri_model, tmp_path):
+    """Hard DC: the written complex reconstruction (original units) has exactly the measured k-space
+    samples (to float32 rounding, relative 1e-5 of the k-space norm)."""
+    from nndiff.dataset.io import read_images
+    from nndiff.tasks.operators import fft2c
+
+    path, _ = _npz_case(mri_model, tmp_path / "in")
+    out = tmp_path / "out"
+    _predictor(mri_model).predict_from_folder(path.parent, out, seed=0)
+    data = np.load(path)
+    measured = data["mask"].astype(bool)
+    recon = np.load(out / "knee_complex.npy")[0]  # (H, W) complex, original units
+    k = fft2c(torch.from_numpy(recon)).numpy()
+    error = np.abs(k[:, measured] - data["kspace"][:, measured]).max()
+    assert error <= 1e-5 * np.abs(data["kspace"]).max()
+    assert not np.allclose(k[:, ~measured], 0)  # the prior filled the unmeasured columns
+    magnitude, props = read_images([out / "knee.npy"])
+    assert magnitude.shape == (1, 1, 32, 32) and props.spacing[1:] == (0.5, 0.5)
+    np.testing.assert_allclose(magnitude[0, 0], np.abs(recon), rtol=1e-5, atol=1e-3)
+
+
+def test_dps_runs_and_lowers_residual_below_baseline_free_start(mri_model, tmp_path):
+    path, _ = _npz_case(mri_model, tmp_path / "in")
+    out = tmp_path / "out"
+    _predictor(mri_model, dc="dps", warm_start=False).predict_from_folder(path.parent, out, seed=0)
+    info = json.loads((out / "reconstruction_info.json").read_text())
+    assert info["dc"] == "dps" and np.isfinite(info["cases"]["knee"]["dc_residual"])
+    with pytest.raises(NnDiffError, match="unknown data consistency"):
+        _predictor(mri_model, dc="magic")
+
+
+def test_bad_inputs_name_file_and_problem(mri_model, tmp_path):
+    from nndiff.tasks.operators import MeasurementError
+
+    predictor = _predictor(mri_model)
+    path, _ = _npz_case(mri_model, tmp_path / "nosidecar", sidecar=False)
+    with pytest.raises(NnDiffError, match=r"knee\.npz.*sidecar knee\.json is missing"):
+        predictor.predict_from_folder(path.parent, tmp_path / "o1")
+    path, _ = _npz_case(mri_model, tmp_path / "shape", mask=np.ones(20, dtype=np.float32))
+    with pytest.raises(MeasurementError, match=r"knee\.npz.*disagrees with mask shape"):
+        predictor.predict_from_folder(path.parent, tmp_path / "o2")
+    kspace = np.full((32, 32), np.nan, dtype=np.complex64)
+    path, _ = _npz_case(mri_model, tmp_path / "nan", kspace=kspace)
+    with pytest.raises(MeasurementError, match=r"knee\.npz.*non-finite"):
+        predictor.predict_from_folder(path.parent, tmp_path / "o3")
+    path, _ = _npz_case(mri_model, tmp_path / "acc", mask=np.full(32, 2.0, dtype=np.float32))
+    with pytest.raises(MeasurementError, match=r"knee\.npz.*acceleration below 1"):
+        predictor.predict_from_folder(path.parent, tmp_path / "o4")
+    with pytest.raises(MeasurementError, match="acceleration must be >= 1"):
+        predictor.predict_simulated(_test_images(mri_model, tmp_path, 1), tmp_path / "o5", acceleration=0.5)
+    with pytest.raises(NnDiffError, match="holds no"):
+        predictor.predict_from_folder(tmp_path / "empty_missing", tmp_path / "o6")
