@@ -1,0 +1,235 @@
+"""Denoising family end to end (plan -> train -> predict with both strategies -> evaluate) on a tiny
+clean-only MR dataset (Rician picked from the modality) and a paired one; degradation choice, warm
+start timing, bad inputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nndiff.dataset import load_dataset
+from nndiff.dataset.examples import properties_2d
+from nndiff.dataset.io import read_images, write_image
+from nndiff.diffusion.config import DiffusionConfig, build_process
+from nndiff.diffusion.options import Degradation
+from nndiff.errors import DatasetError, NnDiffError
+from nndiff.inference import predictor_class_for
+from nndiff.paths import Paths
+from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
+from nndiff.tasks.degradations import DegradationError, matching_timestep
+from nndiff.tasks.denoising import (
+    AffineNormalization,
+    DenoisingTrainer,
+    affine_normalization,
+    decide_degradation,
+    degrade_normalised,
+)
+from nndiff.tasks.denoising_predictor import DenoisingPredictor, warm_start_steps
+from nndiff.training.api import train_fold
+from nndiff.utils.files import load_json, save_json
+
+TINY = {"inherits_from": "2d",
+        "network": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+                    "num_head_channels": 8, "norm_groups": 4, "dropout": 0.0, "strides": [[2, 2]]},
+        "training": {"num_iterations_per_epoch": 2, "num_epochs": 1, "num_val_cases": 1, "warmup_iterations": 1,
+                     "augmentation": "none", "progress_every_epochs": 1},
+        "diffusion": {"num_sampling_steps": 4}}
+
+
+def _paths(root: Path) -> Paths:
+    return Paths(raw=root / "raw", preprocessed=root / "preprocessed", results=root / "results")
+
+
+def _phantom(rng: np.random.Generator, shape=(16, 16)) -> np.ndarray:
+    """A bright disc with a darker inner blob on a zero background (magnitude-MR-like), max 200."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    cy, cx = rng.uniform(6, 10, size=2)
+    image = 150.0 * (((yy - cy) ** 2 + (xx - cx) ** 2) < rng.uniform(20, 40))
+    image += 50.0 * np.exp(-((yy - cy - 1) ** 2 + (xx - cx) ** 2) / 4.0)
+    return image
+
+
+def _write(array: np.ndarray, path: Path) -> None:
+    write_image(np.clip(np.round(array), 0, 255)[None, None].astype(np.uint8), properties_2d(shape=(16, 16)), path)
+
+
+def _dataset(root: Path, dataset_id: int, n: int, paired: bool, seed: int = 0, folder: str = "Tr") -> Path:
+    rng = np.random.default_rng(seed)
+    dataset = root / f"Dataset{dataset_id:03d}_Denoise"
+    for i in range(n):
+        clean = _phantom(rng)
+        if paired:
+            noisy = np.hypot(clean + 10 * rng.standard_normal(clean.shape), 10 * rng.standard_normal(clean.shape))
+            _write(noisy, dataset / f"images{folder}" / f"case_{i:03d}_0000.png")
+            _write(clean, dataset / f"targets{folder}" / f"case_{i:03d}_0000.png")
+        else:
+            _write(clean, dataset / f"images{folder}" / f"case_{i:03d}_0000.png")
+    data = {"name": "Denoise", "task": "denoising", "channel_names": {"0": "T1"}, "numTraining": n,
+            "file_ending": ".png"}
+    if paired:
+        data["target_names"] = {"0": "T1_clean"}
+    else:  # the schema requires the block for clean-only data (the modality rule is unit-tested above)
+        data["degradation"] = {"type": "rician", "level": [0.02, 0.12]}
+    save_json(data, dataset / "dataset.json")
+    return dataset
+
+
+def _prepare_and_train(paths: Paths, dataset_id: int) -> Path:
+    location = locate_dataset(dataset_id, paths)
+    extract_fingerprint_step(location)
+    plans = plan_step(location)
+    plans["configurations"]["tiny"] = TINY
+    save_json(plans, location.plans_file("nnDiffPlans"))
+    preprocess_step(location, configurations=["2d"])
+    train_fold(dataset_id, "tiny", 0, paths, trainer="DenoisingTrainer", device="cpu", num_workers=0)
+    return paths.results / location.name / "DenoisingTrainer__nnDiffPlans__tiny"
+
+
+@pytest.fixture(scope="module")
+def clean_only(tmp_path_factory):
+    root = tmp_path_factory.mktemp("denoise_clean")
+    paths = _paths(root)
+    _dataset(paths.raw, 81, 4, paired=False)
+    model_dir = _prepare_and_train(paths, 81)
+    heldout = _dataset(root / "heldout", 81, 2, paired=False, seed=9)
+    return {"paths": paths, "model_dir": model_dir, "heldout": heldout,
+            "pre": paths.preprocessed / model_dir.parent.name}
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    root = tmp_path_factory.mktemp("denoise_paired")
+    paths = _paths(root)
+    _dataset(paths.raw, 82, 4, paired=True)
+    model_dir = _prepare_and_train(paths, 82)
+    heldout = _dataset(root / "heldout", 82, 2, paired=True, seed=9)
+    return {"paths": paths, "model_dir": model_dir, "heldout": heldout,
+            "pre": paths.preprocessed / model_dir.parent.name}
+
+
+# ----------------------------------------------------------------------------------------------
+# Mechanics
+# ----------------------------------------------------------------------------------------------
+def test_decide_degradation_from_block_and_modality():
+    assert decide_degradation({}, ["mr"]).kind is Degradation.RICIAN
+    assert decide_degradation({}, ["pet"]).kind is Degradation.POISSON
+    ct = decide_degradation({}, ["ct"])
+    assert ct.kind is Degradation.GAUSSIAN and "projector" in ct.reason
+    assert decide_degradation({}, ["other"]).kind is Degradation.GAUSSIAN
+    given = decide_degradation({"degradation": {"type": "gaussian", "level": [0.02, 0.05]}}, ["mr"])
+    assert given.kind is Degradation.GAUSSIAN and given.level == (0.02, 0.05) and "dataset.json" in given.reason
+    assert decide_degradation({"degradation": {"type": "rician", "level": 0.1}}, ["mr"]).level == (0.1, 0.1)
+
+
+def test_bad_degradation_blocks_name_the_key():
+    with pytest.raises(DegradationError, match=r"x/dataset.json key 'degradation'.*'speckle'.*gaussian, rician"):
+        decide_degradation({"degradation": {"type": "speckle", "level": 0.1}}, ["mr"], "x/dataset.json")
+    with pytest.raises(DegradationError, match="'degradation'.*'level'.*\\[low, high\\]"):
+        decide_degradation({"degradation": {"type": "rician", "level": [0.2, 0.1]}}, ["mr"])
+    with pytest.raises(DegradationError, match="'degradation' must be an object with 'type'"):
+        decide_degradation({"degradation": "rician"}, ["mr"])
+
+
+def test_affine_normalization_matches_the_plan_maps():
+    window = affine_normalization({"scheme": "dataset_percentile", "params": {"clip_low": 0.0, "clip_high": 200.0}})
+    assert window == AffineNormalization(100.0, 100.0, True)
+    x = torch.tensor([-10.0, 0.0, 50.0, 200.0, 300.0])
+    assert torch.allclose(window.to_model(x), torch.tensor([-1.0, -1.0, -0.5, 1.0, 1.0]))
+    assert torch.allclose(window.to_original(torch.tensor([-0.5])), torch.tensor([50.0]))
+    scale = affine_normalization({"scheme": "scale_only", "params": {"scale": 4.0}})
+    assert scale.to_model(torch.tensor([-8.0])).item() == -2.0  # no clip
+
+
+def test_degrade_normalised_adds_rician_noise_in_original_units():
+    maps = [AffineNormalization(100.0, 100.0, True)]
+    clean = torch.full((64, 1, 16, 16), 0.0)  # 100 in original units, max 100
+    setting = decide_degradation({"degradation": {"type": "rician", "level": 0.1}}, ["mr"])
+    noisy = degrade_normalised(clean, maps, setting, torch.Generator().manual_seed(0))
+    original = noisy * 100.0 + 100.0
+    # |100 + 10 n1 + i 10 n2|: E[M^2] = 100^2 + 2 * 10^2
+    assert float((original ** 2).mean()) == pytest.approx(100.0 ** 2 + 200.0, rel=0.01)
+    poisson = decide_degradation({"degradation": {"type": "poisson", "level": 0.1}}, ["pet"])
+    with pytest.raises(DegradationError, match="non-negative.*-100.*'degradation'"):
+        degrade_normalised(torch.full((1, 1, 4, 4), -2.0), maps, poisson, None)
+
+
+def test_warm_start_steps_scale_with_t0():
+    assert warm_start_steps(999.0, 0.0, 999.0, 50) == 50
+    assert warm_start_steps(99.9, 0.0, 999.0, 50) == 5
+    assert warm_start_steps(0.0, 0.0, 999.0, 50) == 1
+
+
+def test_paired_case_missing_its_target_is_an_integrity_error(tmp_path):
+    folder = _dataset(tmp_path, 83, 3, paired=True)
+    (folder / "targetsTr" / "case_001_0000.png").unlink()
+    with pytest.raises(DatasetError) as err:
+        load_dataset(folder)
+    assert "case_001" in str(err.value) and "target" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+def test_clean_only_training_records_the_rician_choice(clean_only):
+    debug = load_json(clean_only["model_dir"] / "fold_0" / "debug.json")
+    assert debug["trainer_class"] == "DenoisingTrainer" and debug["denoising_mode"] == "clean_only"
+    assert debug["degradation"] == {"type": "rician", "level": [0.02, 0.12], "reason": debug["degradation"]["reason"]}
+    assert "dataset.json key 'degradation'" in debug["degradation"]["reason"]
+    log = "".join(p.read_text() for p in (clean_only["model_dir"] / "fold_0").glob("*.txt"))
+    assert "rician" in log
+    assert predictor_class_for("DenoisingTrainer") is DenoisingPredictor
+
+
+@pytest.mark.parametrize("strategy", ["conditional", "warm_start"])
+def test_predict_both_strategies_monte_carlo_with_geometry(clean_only, tmp_path, strategy):
+    predictor = DenoisingPredictor.from_model_folder(clean_only["model_dir"], device="cpu",
+                                                     preprocessed_dir=clean_only["pre"], strategy=strategy)
+    assert predictor.output_kind == "data"
+    out = tmp_path / strategy
+    written = predictor.predict_from_folder(clean_only["heldout"] / "imagesTr", out, seed=3, num_mc_samples=2)
+    assert sorted(p.name for p in written) == ["case_000.png", "case_000_std.png", "case_001.png", "case_001_std.png"]
+    source, source_props = read_images([clean_only["heldout"] / "imagesTr" / "case_000_0000.png"])
+    for name in ("case_000.png", "case_000_std.png"):
+        array, props = read_images([out / name])
+        assert array.shape == source.shape and np.allclose(props.spacing, source_props.spacing)
+    info = load_json(out / "prediction_info.json")
+    assert info["strategy"] == strategy and info["num_mc_samples"] == 2
+    if strategy == "warm_start":
+        assert set(info["warm_starts"]) == {"case_000", "case_001"}
+        assert all(v["sigma"] > 0 for v in info["warm_starts"].values())
+
+
+def test_warm_start_begins_at_the_matching_timestep_of_a_known_sigma(clean_only):
+    sigma = 0.1
+    predictor = DenoisingPredictor.from_model_folder(clean_only["model_dir"], device="cpu",
+                                                     preprocessed_dir=clean_only["pre"], strategy="warm_start",
+                                                     noise_sigma=sigma)
+    process = build_process(DiffusionConfig.from_dict(predictor.configuration["diffusion"]))
+    expected = matching_timestep(sigma, process)
+    seen: list[float] = []
+    network = predictor.networks[0]
+    network.register_forward_hook(lambda module, args, out: seen.append(float(args[1].flatten()[0])))
+    images, props = read_images([clean_only["heldout"] / "imagesTr" / "case_000_0000.png"])
+    predictor.predict_arrays(images, props, "case_000", seed=1)
+    assert predictor.warm_starts["case_000"] == {"sigma": sigma, "t0": float(expected)}
+    first = process.model_time(torch.tensor([expected], dtype=torch.float64))
+    assert seen[0] == pytest.approx(float(first.flatten()[0]), abs=1e-4)
+    steps = warm_start_steps(expected, process.t_min, process.t_max, 4)
+    assert len(sorted(set(seen))) == steps < 4 and max(seen) == seen[0]  # (several windows per step)
+    with pytest.raises(NnDiffError, match="unknown denoising strategy 'fast'.*conditional, warm_start"):
+        predictor.strategy = "fast"
+
+
+def test_paired_mode_trains_and_predicts_both_strategies(paired, tmp_path):
+    debug = load_json(paired["model_dir"] / "fold_0" / "debug.json")
+    assert debug["denoising_mode"] == "paired" and debug["degradation"] is None
+    for strategy in ("conditional", "warm_start"):
+        predictor = DenoisingPredictor.from_model_folder(paired["model_dir"], device="cpu",
+                                                         preprocessed_dir=paired["pre"], strategy=strategy,
+                                                         warm_start_condition="noisy")
+        assert predictor.output_kind == "target"
+        images, props = read_images([paired["heldout"] / "imagesTr" / "case_000_0000.png"])
+        out, out_props = predictor.predict_arrays(images, props, "case_000", seed=2)
+        assert out.shape == images.shape and np.isfinite(out).all()
