@@ -26,6 +26,7 @@ DEFAULT_TRAINERS: dict[str, str] = {
     TaskFamily.GENERATION.value: "GenerationTrainer",
     TaskFamily.TRANSLATION.value: "TranslationTrainer",
     TaskFamily.RECONSTRUCTION.value: "ReconstructionTrainer",
+    TaskFamily.DENOISING.value: "DenoisingTrainer",
 }
 
 
