@@ -25,6 +25,7 @@ PREDICTOR_MODULES: tuple[str, ...] = (
     "nndiff.tasks.generation_predictor",
     "nndiff.tasks.translation_predictor",
     "nndiff.tasks.reconstruction_predictor",
+    "nndiff.tasks.denoising_predictor",
 )
 #: trainer class name -> predictor class.
 PREDICTORS: dict[str, type] = {}
