@@ -14,13 +14,15 @@ Definitions (documentation/translation.md, "Evaluation"):
   the map, body SSIM its mean inside the mask. Several target channels: mean over channels.
 * Body mask, from the reference (first target channel): voxels above ``body_threshold`` (original
   units), by default lo + 0.1 (hi − lo) with lo / hi the 1st / 99th percentiles of the case
-  (−822 HU for a CT with air at −1024 and bone at 1000), then holes filled per slice, so air
-  inside the body (lungs, bowel gas) counts as body.
+  (−822 HU for a CT with air at −1024 and bone at 1000), the largest connected component, then
+  holes filled per slice, so air inside the body (lungs, bowel gas) counts as body.
 * Uncertainty: Pearson r between the std map and |pred − ref| over all voxels and over the body
   mask, per case, and pooled over the voxels of all cases.
 
-These small metric functions are private to this module; ``nndiff.evaluation.image_quality``
-(PSNR/NMSE/masked metrics) may absorb them later.
+MAE, PSNR, the body mask and the std-error correlation are those of
+``nndiff.evaluation.image_quality``. SSIM is this module's own per-slice, full-size map: thick-slice
+volumes often have fewer slices than a 3D SSIM window, and a map covering every voxel can be
+averaged inside the body mask.
 """
 from __future__ import annotations
 
@@ -35,14 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from nndiff.errors import DatasetError, NnDiffError
+from nndiff.evaluation import image_quality as iq
+from nndiff.evaluation.image_quality import BODY_FRACTION, BODY_PERCENTILES
 from nndiff.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | Path
-#: Default body threshold: this fraction of the way from the 1st to the 99th percentile.
-BODY_FRACTION = 0.1
-BODY_PERCENTILES = (1.0, 99.0)
 SSIM_WIN_SIZE = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -55,19 +56,6 @@ CASE_METRICS = ("mae", "psnr", "ssim", "mae_body", "psnr_body", "ssim_body", "bo
 # ----------------------------------------------------------------------------------------------
 # Metrics (numpy / torch, original units)
 # ----------------------------------------------------------------------------------------------
-def mae(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Mean absolute error (over ``mask`` voxels when given; the mask broadcasts over channels)."""
-    error = np.abs(prediction.astype(np.float64) - reference.astype(np.float64))
-    return float(error[_expand(mask, error)].mean()) if mask is not None else float(error.mean())
-
-
-def psnr(prediction: np.ndarray, reference: np.ndarray, data_range: float, mask: np.ndarray | None = None) -> float:
-    """10 log10(L² / MSE); ``inf`` for identical images."""
-    squared = (prediction.astype(np.float64) - reference.astype(np.float64)) ** 2
-    mse = float(squared[_expand(mask, squared)].mean()) if mask is not None else float(squared.mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
-
-
 def _expand(mask: np.ndarray | None, like: np.ndarray) -> np.ndarray:
     return np.broadcast_to(mask, like.shape) if mask is not None else np.ones(like.shape, bool)
 
@@ -102,28 +90,16 @@ def ssim_map(prediction: np.ndarray, reference: np.ndarray, data_range: float) -
     return value.reshape(shape).numpy()
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Pearson correlation of two equally shaped arrays; None when either is constant."""
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    if a.size < 2:
-        return None
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return None if denominator == 0 else float((a * b).sum() / denominator)
-
-
 def body_mask(reference: np.ndarray, threshold: float | None = None,
               fraction: float = BODY_FRACTION) -> tuple[np.ndarray, float]:
-    """``(Z, Y, X)`` body mask of a reference ``(C, Z, Y, X)`` and the threshold used (module docstring)."""
-    from scipy.ndimage import binary_fill_holes
-
+    """``(Z, Y, X)`` body mask of a reference ``(C, Z, Y, X)`` (first channel) and the threshold used:
+    :func:`nndiff.evaluation.image_quality.body_mask` (threshold, largest component, holes filled
+    per slice), with the default threshold made explicit for the summary."""
     channel = reference[0].astype(np.float64)
     if threshold is None:
         low, high = np.percentile(channel, BODY_PERCENTILES)
         threshold = float(low + fraction * (high - low))
-    mask = channel > threshold
-    filled = np.stack([binary_fill_holes(slice_) for slice_ in mask])
-    return filled, float(threshold)
+    return iq.body_mask(channel, threshold), float(threshold)
 
 
 def case_metrics(prediction: np.ndarray, reference: np.ndarray, data_range: float, std: np.ndarray | None = None,
@@ -133,21 +109,19 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, data_range: floa
     ssim_values = ssim_map(prediction, reference, data_range)
     has_body = bool(mask.any())
     out: dict[str, Any] = {
-        "mae": mae(prediction, reference), "psnr": psnr(prediction, reference, data_range),
+        "mae": iq.mae(prediction, reference), "psnr": iq.psnr(prediction, reference, data_range),
         "ssim": float(ssim_values.mean()),
-        "mae_body": mae(prediction, reference, mask) if has_body else None,
-        "psnr_body": psnr(prediction, reference, data_range, mask) if has_body else None,
+        "mae_body": iq.mae(prediction, reference, mask) if has_body else None,
+        "psnr_body": iq.psnr(prediction, reference, data_range, mask) if has_body else None,
         "ssim_body": float(ssim_values[_expand(mask, ssim_values)].mean()) if has_body else None,
         "body_fraction": float(mask.mean()), "body_threshold": threshold,
         "mean_std": None, "uncertainty_error_pearson": None, "uncertainty_error_pearson_body": None,
     }
     if std is not None:
-        error = np.abs(prediction.astype(np.float64) - reference.astype(np.float64))
         out["mean_std"] = float(std.mean())
-        out["uncertainty_error_pearson"] = pearson(std, error)
+        out["uncertainty_error_pearson"] = iq.uncertainty_error_correlation(std, prediction, reference)
         if has_body:
-            full = _expand(mask, error)
-            out["uncertainty_error_pearson_body"] = pearson(std[full], error[full])
+            out["uncertainty_error_pearson_body"] = iq.uncertainty_error_correlation(std, prediction, reference, mask)
     return out
 
 
@@ -297,14 +271,18 @@ def evaluate_translation_folders(reference_dir: PathLike, prediction_dir: PathLi
             pooled_std.append(std[full])
             pooled_error.append(np.abs(prediction - reference)[full])
     mean = {key: _mean_over_cases(per_case, key) for key in CASE_METRICS}
-    pooled = pearson(np.concatenate(pooled_std), np.concatenate(pooled_error)) if pooled_std else None
+    # pooled over the body voxels of all cases: r of the concatenated std and |error| values
+    pooled = None
+    if pooled_std:
+        error = np.concatenate(pooled_error)  # |error| against a zero reference is the error itself
+        pooled = iq.uncertainty_error_correlation(np.concatenate(pooled_std), error, np.zeros_like(error))
     summary = {
         "task": "translation",
         "settings": {"data_range": range_value, "data_range_source": source, "body_threshold": body_threshold,
                      "body_rule": ("reference > body_threshold" if body_threshold is not None else
                                    f"reference > p{BODY_PERCENTILES[0]:g} + {BODY_FRACTION} (p{BODY_PERCENTILES[1]:g} "
                                    f"- p{BODY_PERCENTILES[0]:g}) per case (first target channel)")
-                                  + ", holes filled per slice",
+                                  + ", largest connected component, holes filled per slice",
                      "ssim": f"per 2D slice, Gaussian window sigma {SSIM_SIGMA}, {SSIM_WIN_SIZE} taps, reflect padding"},
         "inputs": {"reference": str(reference_dir), "prediction": str(prediction_dir), "num_cases": len(cases),
                    "num_targets": num_targets, "file_ending": ending,
