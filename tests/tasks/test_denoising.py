@@ -233,3 +233,25 @@ def test_paired_mode_trains_and_predicts_both_strategies(paired, tmp_path):
         images, props = read_images([paired["heldout"] / "imagesTr" / "case_000_0000.png"])
         out, out_props = predictor.predict_arrays(images, props, "case_000", seed=2)
         assert out.shape == images.shape and np.isfinite(out).all()
+
+
+def test_evaluate_denoising_table_with_baselines(clean_only, tmp_path):
+    from nndiff.evaluation.denoising import evaluate_denoising, photon_levels
+
+    predictor = DenoisingPredictor.from_model_folder(clean_only["model_dir"], device="cpu",
+                                                     preprocessed_dir=clean_only["pre"])
+    cases = [(f"case_{i:03d}", *read_images([clean_only["heldout"] / "imagesTr" / f"case_{i:03d}_0000.png"]))
+             for i in range(2)]
+    summary = evaluate_denoising(predictor, cases, tmp_path / "eval", levels=(0.05, 0.1), num_samples=2, seed=1)
+    assert summary == load_json(tmp_path / "eval" / "summary.json")
+    assert set(summary["levels"]) == {"0.05", "0.1"}
+    mean = summary["levels"]["0.1"]["mean"]
+    assert set(mean) == {"noisy", "conditional", "warm_start", "nl_means", "total_variation"}
+    # noisier input -> lower PSNR; the classical baselines beat the noisy input
+    assert mean["noisy"]["psnr"] < summary["levels"]["0.05"]["mean"]["noisy"]["psnr"]
+    assert mean["total_variation"]["psnr_gain"] > 0
+    row = summary["levels"]["0.1"]["per_case"]["case_000"]
+    assert row["warm_start"]["psnr_gain"] == pytest.approx(row["warm_start"]["psnr"] - row["noisy"]["psnr"])
+    assert photon_levels([1e4]) == pytest.approx((0.01,))
+    with pytest.raises(DegradationError, match="speckle"):
+        evaluate_denoising(predictor, cases, tmp_path / "bad", degradation="speckle")
