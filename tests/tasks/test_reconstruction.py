@@ -167,7 +167,7 @@ def test_npz_case_hard_dc_keeps_measured_kspace(mri_model, tmp_path):
     np.testing.assert_allclose(magnitude[0, 0], np.abs(recon), rtol=1e-5, atol=1e-3)
 
 
-def test_dps_runs_and_lowers_residual_below_baseline_free_start(mri_model, tmp_path):
+def test_dps_runs_from_noise_and_unknown_dc_is_refused(mri_model, tmp_path):
     path, _ = _npz_case(mri_model, tmp_path / "in")
     out = tmp_path / "out"
     _predictor(mri_model, dc="dps", warm_start=False).predict_from_folder(path.parent, out, seed=0)
