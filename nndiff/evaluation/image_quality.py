@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nndiff.errors import NnDiffError
-from nndiff.evaluation.ssim import DEFAULT_SIGMA, DEFAULT_WIN_SIZE, K1, K2, _valid_filter, gaussian_window_1d
+from nndiff.evaluation.ssim import DEFAULT_SIGMA, DEFAULT_WIN_SIZE, gaussian_window_1d, ssim_maps
 
 ArrayLike = np.ndarray | torch.Tensor
 #: Default body threshold: this fraction of the way from the 1st to the 99th percentile of the image.
@@ -142,13 +142,7 @@ def ssim_map(prediction: ArrayLike, reference: ArrayLike, data_range: float,
                                 "pass a smaller odd win_size")
     window = gaussian_window_1d(win_size, sigma)
     x, y = torch.from_numpy(p)[:, None], torch.from_numpy(r)[:, None]  # channels as batch
-    mu_x, mu_y = _valid_filter(x, window), _valid_filter(y, window)
-    var_x = _valid_filter(x * x, window) - mu_x**2
-    var_y = _valid_filter(y * y, window) - mu_y**2
-    cov = _valid_filter(x * y, window) - mu_x * mu_y
-    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    value = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return value[:, 0].numpy()
+    return ssim_maps(x, y, data_range, window)[0][:, 0].numpy()
 
 
 def _valid_centres(mask: np.ndarray, win_size: int) -> np.ndarray:

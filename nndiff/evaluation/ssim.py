@@ -83,7 +83,15 @@ def _ssim_and_cs(
     window = gaussian_window_1d(win_size, sigma)
     # Channels are filtered independently: fold them into the batch axis.
     flat = lambda t: t.reshape(batch * channels, 1, *t.shape[2:])  # noqa: E731
-    x, y = flat(x), flat(y)
+    ssim_values, cs_map = ssim_maps(flat(x), flat(y), data_range, window)
+    reduce = lambda m: m.flatten(1).mean(1).reshape(batch, channels)  # noqa: E731
+    return reduce(ssim_values), reduce(cs_map)
+
+
+def ssim_maps(x: torch.Tensor, y: torch.Tensor, data_range: float,
+              window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM and contrast-structure maps at every valid window position of ``(N, 1, *spatial)``
+    float64 tensors (separable Gaussian ``window``, C1 = (K1 L)², C2 = (K2 L)²)."""
     mu_x, mu_y = _valid_filter(x, window), _valid_filter(y, window)
     var_x = _valid_filter(x * x, window) - mu_x**2
     var_y = _valid_filter(y * y, window) - mu_y**2
@@ -91,8 +99,7 @@ def _ssim_and_cs(
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
     cs_map = (2 * cov + c2) / (var_x + var_y + c2)
     luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    reduce = lambda m: m.flatten(1).mean(1).reshape(batch, channels)  # noqa: E731
-    return reduce(luminance * cs_map), reduce(cs_map)
+    return luminance * cs_map, cs_map
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
