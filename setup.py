@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.6",
         "scikit-image>=0.21",  # denoising baselines (non-local means, total variation) in evaluation
+        "h5py>=3.8",  # fastMRI-layout k-space files (.h5) for reconstruction prediction
     ],
     extras_require={
         "test": [
