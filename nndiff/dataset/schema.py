@@ -386,7 +386,8 @@ def check_degradation(data: dict[str, Any]) -> list[Problem]:
 
 def check_task_requirements(data: dict[str, Any]) -> list[Problem]:
     """Keys a task family needs: segmentation -> labels; translation -> target_names;
-    reconstruction -> reconstruction block; denoising -> target_names (paired) or degradation."""
+    reconstruction -> reconstruction block. Denoising needs neither: paired with target_names, else
+    clean-only with the degradation from the 'degradation' block or the modality."""
     task = data.get("task")
     problems = []
     if task == TaskFamily.SEGMENTATION and "labels" not in data:
@@ -401,11 +402,8 @@ def check_task_requirements(data: dict[str, Any]) -> list[Problem]:
                                 "is missing; the reconstruction task needs the acquisition model",
                                 'add "reconstruction": {"operator": "mri_cartesian", "acceleration": 4, '
                                 '"center_fraction": 0.08}'))
-    if task == TaskFamily.DENOISING and "target_names" not in data and "degradation" not in data:
-        problems.append(Problem("dataset.json key 'degradation'",
-                                "is missing; denoising needs clean targets (target_names + targetsTr) "
-                                "or a degradation model for clean-only data",
-                                'add "degradation": {"type": "gaussian", "level": 0.1} or paired targets'))
+    # denoising: paired (target_names + targetsTr) or clean-only; without a 'degradation' block the
+    # clean-only trainer picks the degradation from the modality (documentation/denoising.md).
     return problems
 
 

@@ -125,10 +125,11 @@ def test_translation_needs_target_names(tmp_path: Path) -> None:
     _check(folder, "key 'target_names'", "is missing")
 
 
-def test_denoising_needs_degradation_or_targets(tmp_path: Path) -> None:
+def test_clean_only_denoising_without_degradation_block_is_valid(tmp_path: Path) -> None:
+    # the degradation is then chosen from the modality (nndiff.tasks.denoising.decide_degradation)
     folder = make_example_dataset("denoising_2d", tmp_path, 9, num_cases=2)
     _edit_json(folder, degradation=None)
-    _check(folder, "key 'degradation'", "is missing")
+    verify_integrity(load_dataset(folder), full=True)
 
 
 def test_allow_missing_channels_must_be_bool(seg: Path) -> None:
