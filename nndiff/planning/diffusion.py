@@ -5,15 +5,20 @@ Diffusion block keys (those of ``nndiff.diffusion.config.DiffusionConfig``, whic
 keys): process, num_train_timesteps, schedule, snr_shift, parameterization, loss_weighting,
 min_snr_gamma, noise_type, noise_params (simplex: {octaves, persistence, frequency}; Gaussian: {}),
 sampler, num_sampling_steps, timestep_spacing, clip_x0, guidance, guidance_scale, condition_dropout.
+
+Family data options next to them: ``degradation`` (what clean-only denoising simulates) and
+``resample`` (false for reconstruction, whose images must stay on the measurement grid).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from nndiff.diffusion.options import (
+    Degradation,
     Guidance,
     LossWeighting,
+    Modality,
     NoiseType,
     NormalizationScheme,
     Parameterization,
@@ -22,6 +27,7 @@ from nndiff.diffusion.options import (
     Schedule,
     TaskFamily,
     TimestepSpacing,
+    parse_option,
 )
 from nndiff.planning.constants import (
     CFG_CONDITION_DROPOUT,
@@ -33,7 +39,9 @@ from nndiff.planning.constants import (
     SIMPLEX_PERSISTENCE,
     SNR_SHIFT_REFERENCE_SIDE,
 )
+from nndiff.errors import PlansError
 from nndiff.planning.decision import Decision, fmt_num, fmt_shape
+from nndiff.planning.fingerprint_view import IMAGE, TARGET, FingerprintView
 
 #: Sampler and number of sampling steps per family (see decide_sampler for the why).
 _SAMPLERS: dict[TaskFamily, tuple[Sampler, int, str]] = {
@@ -239,3 +247,113 @@ def decide_sampling(task: TaskFamily) -> Decision[dict[str, Any]]:
         return Decision(options, f"ensemble of {SEGMENTATION_ENSEMBLE} samples averaged (Wolleb et al. 2022) for "
                                  "the label map (argmax of one-hot channels) and an uncertainty map")
     return Decision(options, f"{task}: full sampling from t = {NUM_TRAIN_TIMESTEPS - 1}, no family-specific options")
+
+
+# --------------------------------------------------------------------------- family data options
+
+#: dataset.json key of the clean-only denoising degradation ({"type", "level"}).
+DEGRADATION_KEY = "degradation"
+#: Default level range per degradation (``nndiff.tasks.degradations.simulate``'s relative level):
+#: Gaussian / Rician std 1-15 % of the image maximum (covers the 2/5/10 % evaluation levels with
+#: margin); PET Poisson 11-400 mean counts per voxel (level 0.3-0.05).
+DEFAULT_DEGRADATION_LEVELS: dict[str, list[float]] = {
+    Degradation.GAUSSIAN.value: [0.01, 0.15],
+    Degradation.RICIAN.value: [0.01, 0.15],
+    Degradation.POISSON.value: [0.05, 0.3],
+}
+#: Low-dose CT (Poisson in projection): 1 / level² incident photons per ray, 2.5e3-4e4 (level
+#: 0.02-0.005), i.e. quarter- to ~1/100-dose of the ~1e5-1e6 photons per ray of routine-dose simulations.
+DEFAULT_CT_LEVELS = [0.005, 0.02]
+
+
+def _level_range(level: Any, key: str) -> list[float]:
+    """A number → [level, level]; a [low, high] list as is; anything else a plans error."""
+    if isinstance(level, (int, float)) and not isinstance(level, bool) and level > 0:
+        return [float(level), float(level)]
+    if (isinstance(level, (list, tuple)) and len(level) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in level)
+            and 0 < level[0] <= level[1]):
+        return [float(level[0]), float(level[1])]
+    raise PlansError(f"{key} 'level' must be a number > 0 or [low, high] with 0 < low <= high, got {level!r}. "
+                     "Fix: e.g. \"level\": [0.02, 0.1]")
+
+
+def _first_image_modality(fp: FingerprintView) -> str:
+    channels = fp.channels_with_role(IMAGE)
+    return str(channels[0].modality) if channels else Modality.OTHER.value
+
+
+def _degradation_from_modality(modality: str, is_complex: bool) -> tuple[str, bool, str]:
+    """(type, ct, why) of the modality rule."""
+    if modality == Modality.MR.value and is_complex:
+        return (Degradation.GAUSSIAN.value, False,
+                "complex MR data carry Gaussian noise on the real and imaginary parts (Rician arises only in "
+                "the magnitude)")
+    if modality == Modality.MR.value:
+        return Degradation.RICIAN.value, False, "MR magnitude images carry Rician noise"
+    if modality == Modality.CT.value:
+        return (Degradation.POISSON.value, True,
+                "low-dose CT: Poisson photon noise on the projections (Radon transform of the HU image, "
+                "reconstructed by filtered back-projection)")
+    if modality == Modality.PET.value:
+        return Degradation.POISSON.value, False, "PET images carry Poisson counting noise"
+    return Degradation.GAUSSIAN.value, False, f"modality {modality!r} has no specific noise model → Gaussian"
+
+
+def _level_meaning(kind: str, ct: bool, level: list[float]) -> str:
+    if kind == Degradation.POISSON.value:
+        what = "incident photons per ray" if ct else "mean counts per voxel"
+        return f"{fmt_num(1 / level[1] ** 2)}-{fmt_num(1 / level[0] ** 2)} {what} (1 / level²)"
+    return f"noise std {fmt_num(100 * level[0])}-{fmt_num(100 * level[1])} % of the image maximum"
+
+
+def decide_degradation(fp: FingerprintView, task: TaskFamily, dataset_json: Mapping[str, Any]
+                       ) -> Decision[dict[str, Any] | None]:
+    """What clean-only denoising simulates: ``{"type", "level": [low, high], "ct", "source"}``.
+
+    dataset.json ``"degradation"`` wins (its level, or the default range of its type). Otherwise
+    the first image channel's modality decides: Rician for magnitude MR, Poisson in projection
+    (low dose, ``ct`` true: ``simulate(..., ct=CTProjector)``) for CT, Poisson for PET, Gaussian
+    otherwise (and for complex MR). One level per case is drawn uniformly from the range during
+    training. ``None`` for every other family and for paired denoising (the noise is in the data).
+    """
+    if task != TaskFamily.DENOISING or fp.stored_channel_count(TARGET):
+        why = "paired denoising learns the noise from the noisy images" if task == TaskFamily.DENOISING \
+            else f"{task} simulates no degradation"
+        return Decision(None, f"{why} → no degradation")
+    modality = _first_image_modality(fp)
+    block = dataset_json.get(DEGRADATION_KEY)
+    if block is not None:
+        key = f"dataset.json key '{DEGRADATION_KEY}'"
+        try:
+            kind = parse_option(Degradation, str(block.get("type") if isinstance(block, Mapping) else None),
+                                "degradation type")
+        except ValueError as err:
+            raise PlansError(f"{key}: {err}. Fix: e.g. \"degradation\": {{\"type\": \"rician\", "
+                             "\"level\": [0.02, 0.1]}") from None
+        ct = kind == Degradation.POISSON and modality == Modality.CT.value
+        default = DEFAULT_CT_LEVELS if ct else DEFAULT_DEGRADATION_LEVELS[kind.value]
+        level = _level_range(block["level"], key) if "level" in block else list(default)
+        source, why = "dataset.json", f"{key} says {kind.value}" + (" on CT → in projection (low dose)" if ct else "")
+        kind_value = kind.value
+    else:
+        kind_value, ct, why = _degradation_from_modality(modality, fp.is_complex)
+        level = list(DEFAULT_CT_LEVELS if ct else DEFAULT_DEGRADATION_LEVELS[kind_value])
+        source = "modality"
+        why = f"no '{DEGRADATION_KEY}' in dataset.json; first image channel is {modality}: {why}"
+    value = {"type": kind_value, "level": level, "ct": ct, "source": source}
+    return Decision(value, f"{why} → {kind_value}{' (ct)' if ct else ''} at level {level}: "
+                           f"{_level_meaning(kind_value, ct, level)}, one level per case drawn uniformly")
+
+
+def decide_resample(task: TaskFamily, spacing: Sequence[float]) -> Decision[bool]:
+    """Resample cases to the configuration's ``spacing``, except for reconstruction: its
+    measurements (k-space, sinograms) are defined on each case's own grid, and an interpolated
+    image would break the linear image ↔ measurement relation the sampler's data consistency
+    relies on."""
+    planned = f"{fmt_shape(spacing)} mm"
+    if task == TaskFamily.RECONSTRUCTION:
+        return Decision(False, "reconstruction: data consistency needs the image on its measurement grid → no "
+                               f"resampling (each case keeps its own spacing; the planned {planned} only sizes the "
+                               "patch and network)")
+    return Decision(True, f"{task}: cases are resampled to the configuration's spacing {planned}")

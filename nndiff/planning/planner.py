@@ -24,6 +24,7 @@ from nndiff.planning.configurations import (
     plan_pixel_configuration,
 )
 from nndiff.planning.decision import Decision, fmt_num, jsonable
+from nndiff.planning.diffusion import decide_degradation, decide_resample
 from nndiff.planning.fingerprint_view import FingerprintView
 from nndiff.planning.normalization import decide_normalization, produced_roles
 from nndiff.planning.spacing import (
@@ -84,6 +85,19 @@ def _apply_family_hook(task: TaskFamily, fingerprint: Mapping[str, Any], plans: 
     return plans
 
 
+def _add_family_data_options(configurations: dict[str, dict[str, Any]], task: TaskFamily,
+                             degradation: Decision[dict[str, Any] | None]) -> None:
+    """Per configuration: ``resample`` (always) and ``degradation`` (clean-only denoising), with reasons."""
+    for config in configurations.values():
+        config.pop("_search", None)
+        resample = decide_resample(task, config["spacing"])
+        config["resample"] = resample.value
+        config["reasons"]["resample"] = resample.reason
+        if degradation.value is not None:
+            config["degradation"] = dict(degradation.value)
+            config["reasons"]["degradation"] = degradation.reason
+
+
 def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_target_gib: float = 8.0,
                     plans_name: str = "nnDiffPlans") -> dict:
     """Plan every configuration of a dataset from its fingerprint (pure function, no I/O).
@@ -122,8 +136,7 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_target_gib
         name = "3d_latent" if fp.spatial_dims == 3 else "2d_latent"
         configurations[name] = plan_latent_configuration(ctx, name, source, src["spacing"],
                                                          src["median_image_size_in_voxels"], latent.reason)
-    for config in configurations.values():
-        config.pop("_search", None)
+    _add_family_data_options(configurations, task, decide_degradation(fp, task, dataset_json))
 
     inverse = [int(i) for i in np.argsort(transpose.value)]
     plans: dict[str, Any] = {

@@ -111,6 +111,24 @@ def _num_labels(dataset_json: Mapping[str, Any]) -> int:
     return len(labels)
 
 
+#: dataset.json key that lets cases lack some image (source) channels.
+ALLOW_MISSING_CHANNELS_KEY = "allow_missing_channels"
+
+
+def _allow_missing_channels(task: TaskFamily, n_tgt: int, dataset_json: Mapping[str, Any]) -> bool:
+    """dataset.json ``allow_missing_channels``; only families that *condition* on the images can
+    complete a missing channel, so any other family with the key set is a plans error."""
+    if not dataset_json.get(ALLOW_MISSING_CHANNELS_KEY, False):
+        return False
+    if task == TaskFamily.TRANSLATION or (task == TaskFamily.DENOISING and n_tgt):
+        return True
+    what = "clean-only denoising" if task == TaskFamily.DENOISING else str(task)
+    raise PlansError(f"dataset.json key '{ALLOW_MISSING_CHANNELS_KEY}' is true, but {what} diffuses or degrades the "
+                     "images themselves, so a missing image channel cannot be conditioned away (only translation "
+                     "and paired denoising support missing channels). Fix: remove the key (and add the missing "
+                     "channel files) or use task translation")
+
+
 def decide_channels(fp: FingerprintView, task: TaskFamily, dataset_json: Mapping[str, Any]) -> Decision[ChannelPlan]:
     """Channels diffused (``in_channels``), concatenated conditioning images (``cond_channels``) and
     network output (``out_channels`` = in_channels: the v-target has the shape of x).
@@ -121,18 +139,30 @@ def decide_channels(fp: FingerprintView, task: TaskFamily, dataset_json: Mapping
     images; clean-only denoising diffuses the images conditioned on a synthetically degraded copy;
     segmentation diffuses one-hot labels (one channel per label incl. background, scaled to [-1, 1])
     conditioned on the images. Complex images count twice (real/imaginary channel pairs).
+
+    With dataset.json ``"allow_missing_channels": true`` (translation and paired denoising only,
+    the families whose conditioning images may lack channels) the conditioning doubles: the images
+    (missing ones zero-filled) and one availability mask channel per image channel
+    (``nndiff.tasks.translation.ConditionLayout``, UMM-CSGM's missing-modality completion).
     """
     n_img = fp.stored_channel_count(IMAGE)
     n_tgt = fp.stored_channel_count(TARGET)
     cx = " (complex → real/imaginary pairs)" if fp.is_complex else ""
+    allow_missing = _allow_missing_channels(task, n_tgt, dataset_json)
     if task in (TaskFamily.GENERATION, TaskFamily.ANOMALY_DETECTION, TaskFamily.RECONSTRUCTION):
         plan, why = ChannelPlan(n_img, 0, n_img), f"{task} diffuses the {n_img} image channel(s){cx}, no image conditioning"
     elif task == TaskFamily.TRANSLATION or (task == TaskFamily.DENOISING and n_tgt):
         if not n_tgt:
             raise PlansError("translation needs target channels but the fingerprint has none. Fix: add "
                              "'target_names' and targetsTr/ to the dataset, then re-run nndiff_extract_fingerprint")
-        plan = ChannelPlan(n_tgt, n_img, n_tgt)
-        why = f"{task} diffuses the {n_tgt} target channel(s) conditioned on the {n_img} image channel(s){cx}"
+        if allow_missing:
+            plan = ChannelPlan(n_tgt, 2 * n_img, n_tgt)
+            why = (f"{task} diffuses the {n_tgt} target channel(s) conditioned on the {n_img} image channel(s){cx} "
+                   f"plus {n_img} availability mask channel(s), because dataset.json allows missing channels "
+                   f"(2 × {n_img} conditioning channels: images zero-filled where missing, then 1/0 masks)")
+        else:
+            plan = ChannelPlan(n_tgt, n_img, n_tgt)
+            why = f"{task} diffuses the {n_tgt} target channel(s) conditioned on the {n_img} image channel(s){cx}"
     elif task == TaskFamily.DENOISING:
         plan = ChannelPlan(n_img, n_img, n_img)
         why = (f"clean-only denoising diffuses the {n_img} clean image channel(s) conditioned on "

@@ -85,8 +85,13 @@ def target_spacing(config: dict, spacing: Sequence[float], shape: Sequence[int])
 
     A 2D configuration (``spatial_dims`` 2 or a 2-entry ``spacing``) resamples in-plane only; the
     first axis keeps the case's spacing (as nnU-Net's 2d configuration). Axes of length 1 (2D
-    images) keep their spacing.
+    images) keep their spacing. ``"resample": false`` (reconstruction) keeps every axis's spacing.
     """
+    resample = config.get("resample", True)
+    if not isinstance(resample, bool):
+        raise PlansError(f"configuration key 'resample' must be true or false, found {resample!r}")
+    if not resample:
+        return [float(s) for s in spacing]
     if "spacing" not in config:
         raise PlansError("configuration has no 'spacing'; re-run nndiff_plan_experiment")
     wanted = [float(v) for v in config["spacing"]]

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 #: Configuration keys that change the stored arrays; a configuration that overrides one of them
 #: must not share its parent's folder.
-PREPROCESSING_KEYS = ("spacing", "crop_to_nonzero", "resampling", "spatial_dims")
+PREPROCESSING_KEYS = ("spacing", "crop_to_nonzero", "resampling", "resample", "spatial_dims")
 
 
 @dataclass(frozen=True)
