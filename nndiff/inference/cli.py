@@ -1,6 +1,13 @@
 """``nndiff_predict``: predict new cases (``-i``) or generate samples (no ``-i``; conditional models
 with ``--condition KEY=VALUE`` and ``--guidance_scale``) with a trained model.
 
+Family flags (``-i`` only) go to the family predictor's constructor or prediction call:
+reconstruction (``--simulate``, ``--acceleration``, ``--center_fraction``, ``--mask_pattern``,
+``--num_views``, ``--dc``, ``--dc_scale``, ``--no_warm_start``) and denoising (``--strategy``,
+``--warm_start_condition``, ``--noise_sigma``). A flag of one family given for a model of another is
+refused (exit code 2, naming the flag and the model's family), as is a flag that would have no
+effect in the chosen mode (e.g. ``--acceleration`` without ``--simulate``): nothing is ignored.
+
 Flags as in documentation/cli.md. The console-script line for setup.py is
 ``nndiff_predict=nndiff.inference.cli:predict_entry``.
 """
@@ -8,13 +15,46 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from nndiff.errors import NnDiffError
 from nndiff.inference.predictor import DEFAULT_CHECKPOINT
 from nndiff.inference.registry import predictor_class_for
 from nndiff.run.common import add_path_flags, add_verbosity_flags, configure_logging, paths_from_args, run_cli
+
+# Choices of the family options (kept equal to the predictors' lists by tests/inference/test_family_cli.py;
+# spelled out here so --help does not import the family modules).
+DC_CHOICES = ("projection", "dps", "mcg")
+MASK_PATTERN_CHOICES = ("equispaced", "random", "gaussian")
+STRATEGY_CHOICES = ("conditional", "warm_start")
+WARM_START_CONDITION_CHOICES = ("null", "noisy")
+RECONSTRUCTION = "reconstruction"
+DENOISING = "denoising"
+
+
+def bounded_number(kind: type, low: float, high: float = math.inf, low_inclusive: bool = True,
+                   high_inclusive: bool = True, hint: str = "") -> Callable[[str], Any]:
+    """argparse ``type=``: parse ``kind`` (int/float) and require it finite and inside the interval;
+    argparse turns the error into ``argument --flag: ...`` and exit code 2."""
+    interval = (f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+                if math.isfinite(high) else f"{'>=' if low_inclusive else '>'} {low:g}")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        inside = (math.isfinite(value) and (value >= low if low_inclusive else value > low)
+                  and (value <= high if high_inclusive else value < high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {interval}{hint}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nndiff_predict",
         description="Predict the cases of -i (outputs in the input's format, geometry and units) or, without "
                     "-i, generate --num_samples samples (spacing from the plan, origin 0, identity direction; "
-                    "conditional models take --condition KEY=VALUE and --guidance_scale).")
-    parser.add_argument("-i", dest="input", default=None, help="folder of {CASE}_{XXXX}{ending} input files")
+                    "conditional models take --condition KEY=VALUE and --guidance_scale). Reconstruction and "
+                    "denoising models take the family flags below (with -i); a family's flag given for a model "
+                    "of another family is refused.")
+    parser.add_argument("-i", dest="input", default=None,
+                        help="folder of {CASE}_{XXXX}{ending} input files (reconstruction: {CASE}.npz / {CASE}.h5 "
+                             "measurements with {CASE}.json sidecars, or fully sampled images with --simulate)")
     parser.add_argument("-o", dest="output", required=True, help="output folder")
     parser.add_argument("-d", dest="dataset", required=True, help="dataset id, DatasetXXX or DatasetXXX_Name")
     parser.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 2d or 3d_fullres")
@@ -47,9 +91,178 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="classifier-free guidance scale for conditional generation (default: the plan's; "
                              "1 = no guidance)")
+    add_reconstruction_flags(parser)
+    add_denoising_flags(parser)
     add_path_flags(parser)
     add_verbosity_flags(parser)
     return parser
+
+
+def add_reconstruction_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of reconstruction models (ReconstructionPredictor); all default to None / off."""
+    group = parser.add_argument_group(
+        "reconstruction models (with -i)",
+        "-i holds {CASE}.npz / {CASE}.h5 measurements with {CASE}.json sidecars, or with --simulate fully "
+        "sampled images {CASE}_0000{ending} that are undersampled on the fly (seeded per case)")
+    group.add_argument("--simulate", action="store_true",
+                       help="-i holds fully sampled images; simulate the measurements (retrospective evaluation)")
+    group.add_argument("--acceleration", type=bounded_number(float, 1.0, hint=" (1 = fully sampled)"),
+                       default=None, metavar="R",
+                       help="with --simulate, MRI: acceleration (default: dataset.json 'reconstruction', else 4)")
+    group.add_argument("--center_fraction", type=bounded_number(float, 0.0, 1.0), default=None, metavar="F",
+                       help="with --simulate, MRI: fully sampled centre fraction of the columns (default: dataset.json, "
+                            "else 0.08)")
+    group.add_argument("--mask_pattern", choices=MASK_PATTERN_CHOICES, default=None,
+                       help="with --simulate, MRI: Cartesian mask pattern (default: dataset.json 'mask_type', else "
+                            "random)")
+    group.add_argument("--num_views", type=bounded_number(int, 1), default=None, metavar="N",
+                       help="with --simulate, CT: number of projection views (default: dataset.json, else 60)")
+    group.add_argument("--dc", choices=DC_CHOICES, default=None,
+                       help="data consistency in every step: projection (default; k-space replacement / POCS), "
+                            "dps (likelihood gradient) or mcg (gradient + projection)")
+    group.add_argument("--dc_scale", type=bounded_number(float, 0.0, low_inclusive=False), default=None,
+                       metavar="S", help="step size of the dps / mcg gradient (default 1; needs --dc dps or mcg)")
+    group.add_argument("--no_warm_start", action="store_true",
+                       help="start from pure noise instead of the zero-filled / FBP image at the plan's t0")
+
+
+def add_denoising_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of denoising models (DenoisingPredictor); all default to None."""
+    group = parser.add_argument_group("denoising models (with -i)")
+    group.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None,
+                       help="conditional (default: sample conditioned on the noisy image) or warm_start (start the "
+                            "reverse process from the noisy image at the t0 matching its noise level)")
+    group.add_argument("--warm_start_condition", choices=WARM_START_CONDITION_CHOICES, default=None,
+                       help="with --strategy warm_start: null condition (default; image prior only) or the noisy "
+                            "image as condition too")
+    group.add_argument("--noise_sigma", type=bounded_number(float, 0.0, low_inclusive=False), default=None,
+                       metavar="S",
+                       help="with --strategy warm_start: the known noise std in the model's normalised units "
+                            "(default: estimated per case from the image)")
+
+
+@dataclass(frozen=True)
+class FamilyFlag:
+    """A family-specific flag: its argparse ``dest``, spelling, family, and the predictor constructor
+    keyword it sets (None: a setting of the prediction call, e.g. simulate mode)."""
+
+    dest: str
+    flag: str
+    family: str
+    keyword: str | None = None
+
+
+FAMILY_FLAGS = (
+    FamilyFlag("simulate", "--simulate", RECONSTRUCTION),
+    FamilyFlag("acceleration", "--acceleration", RECONSTRUCTION),
+    FamilyFlag("center_fraction", "--center_fraction", RECONSTRUCTION),
+    FamilyFlag("mask_pattern", "--mask_pattern", RECONSTRUCTION),
+    FamilyFlag("num_views", "--num_views", RECONSTRUCTION),
+    FamilyFlag("dc", "--dc", RECONSTRUCTION, "dc"),
+    FamilyFlag("dc_scale", "--dc_scale", RECONSTRUCTION, "dc_scale"),
+    FamilyFlag("no_warm_start", "--no_warm_start", RECONSTRUCTION, "warm_start"),
+    FamilyFlag("strategy", "--strategy", DENOISING, "strategy"),
+    FamilyFlag("warm_start_condition", "--warm_start_condition", DENOISING, "warm_start_condition"),
+    FamilyFlag("noise_sigma", "--noise_sigma", DENOISING, "noise_sigma"),
+)
+#: Simulate-mode settings: refused without --simulate; MRI ones refused for CT models and vice versa.
+MRI_SIMULATION_FLAGS = ("acceleration", "center_fraction", "mask_pattern")
+CT_SIMULATION_FLAGS = ("num_views",)
+#: Denoising options that only act in the warm-start strategy.
+WARM_START_ONLY_FLAGS = ("warm_start_condition", "noise_sigma")
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    value = getattr(args, dest)
+    return value is not None and value is not False
+
+
+def given_family_flags(args: argparse.Namespace) -> list[FamilyFlag]:
+    """The family flags the user set, in FAMILY_FLAGS order."""
+    return [f for f in FAMILY_FLAGS if _given(args, f.dest)]
+
+
+def _spelled(dests: Sequence[str]) -> str:
+    return ", ".join(f.flag for f in FAMILY_FLAGS if f.dest in dests)
+
+
+def check_family_flag_combinations(args: argparse.Namespace) -> None:
+    """Refuse family flags that would have no effect in the chosen mode (before any model is loaded)."""
+    given = given_family_flags(args)
+    if given and args.input is None:
+        raise NnDiffError(f"{', '.join(f.flag for f in given)} apply to prediction with -i (reconstruction / "
+                          "denoising models), not to generation. Fix: pass -i IN, or drop them")
+    simulation = [d for d in (*MRI_SIMULATION_FLAGS, *CT_SIMULATION_FLAGS) if _given(args, d)]
+    if simulation and not args.simulate:
+        raise NnDiffError(f"{_spelled(simulation)} set how measurements are simulated and need --simulate (-i then "
+                          "holds fully sampled images). Fix: add --simulate, or drop them to reconstruct the "
+                          "measurement files of -i")
+    if args.dc_scale is not None and args.dc not in ("dps", "mcg"):
+        raise NnDiffError(f"--dc_scale sets the gradient step of --dc dps / mcg, but data consistency is "
+                          f"{args.dc or 'projection (the default)'}, which has no step size. Fix: add --dc dps or "
+                          "--dc mcg, or drop --dc_scale")
+    warm_only = [d for d in WARM_START_ONLY_FLAGS if _given(args, d)]
+    if warm_only and args.strategy != "warm_start":
+        raise NnDiffError(f"{_spelled(warm_only)} only act in the warm-start strategy, but the strategy is "
+                          f"{args.strategy or 'conditional (the default)'}. Fix: add --strategy warm_start, or "
+                          "drop them")
+
+
+def predictor_family(cls: type) -> str:
+    """The task family of a predictor class: reconstruction, denoising, translation, generation, or
+    the class name for a predictor outside these families."""
+    from nndiff.tasks.denoising_predictor import DenoisingPredictor
+    from nndiff.tasks.generation_predictor import GenerationPredictor
+    from nndiff.tasks.reconstruction_predictor import ReconstructionPredictor
+    from nndiff.tasks.translation_predictor import TranslationPredictor
+
+    # Denoising before translation: DenoisingPredictor subclasses TranslationPredictor.
+    for family, base in ((DENOISING, DenoisingPredictor), (RECONSTRUCTION, ReconstructionPredictor),
+                         ("translation", TranslationPredictor), ("generation", GenerationPredictor)):
+        if issubclass(cls, base):
+            return family
+    return cls.__name__
+
+
+def family_options(args: argparse.Namespace, cls: type, trainer: str) -> dict[str, Any]:
+    """Constructor keywords from the family flags; a flag of another family than the model's is refused."""
+    family = predictor_family(cls)
+    foreign = [f for f in given_family_flags(args) if f.family != family]
+    if foreign:
+        names = ", ".join(f"{f.flag} ({f.family})" for f in foreign)
+        raise NnDiffError(f"{names}: flag(s) of another model family, but {trainer} is a {family} model "
+                          f"({cls.__name__}). Fix: drop them, or choose a {foreign[0].family} model with -d/-c/-tr")
+    options: dict[str, Any] = {}
+    for f in given_family_flags(args):
+        if f.keyword == "warm_start":
+            options["warm_start"] = False  # --no_warm_start; absent -> the plan's choice
+        elif f.keyword is not None:
+            options[f.keyword] = getattr(args, f.dest)
+    return options
+
+
+def check_simulation_operator(args: argparse.Namespace, operator_kind: str) -> None:
+    """MRI simulation flags for a CT model (and --num_views for MRI) would be ignored: refuse them."""
+    if operator_kind == "ct_parallel":
+        wrong = [d for d in MRI_SIMULATION_FLAGS if _given(args, d)]
+        kind, use = "sparse-view CT (ct_parallel)", "--num_views"
+    else:
+        wrong = [d for d in CT_SIMULATION_FLAGS if _given(args, d)]
+        kind, use = f"MRI ({operator_kind})", "--acceleration, --center_fraction, --mask_pattern"
+    if wrong:
+        raise NnDiffError(f"{_spelled(wrong)} do not apply: the model's dataset.json 'reconstruction' operator is "
+                          f"{kind}. Fix: drop them ({kind} simulation takes {use})")
+
+
+def predict_input_folder(predictor: Any, args: argparse.Namespace) -> list[Path]:
+    """``-i`` prediction: simulate mode for ``--simulate`` (reconstruction), else the folder's cases."""
+    num_mc_samples = args.num_samples or 1
+    if args.simulate:
+        check_simulation_operator(args, predictor.operator_kind)
+        return predictor.predict_simulated(args.input, args.output, seed=args.seed, num_mc_samples=num_mc_samples,
+                                           acceleration=args.acceleration, center_fraction=args.center_fraction,
+                                           mask_pattern=args.mask_pattern, num_views=args.num_views)
+    return predictor.predict_from_folder(args.input, args.output, seed=args.seed, num_mc_samples=num_mc_samples)
 
 
 def _only_trainer(results_dir: Path, plans: str, configuration: str) -> str:
@@ -112,19 +325,20 @@ def _main(argv: Sequence[str] | None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_logging(args)
+    check_family_flag_combinations(args)
     paths = paths_from_args(args)
     results_dir = find_preprocessed_dataset(paths.require("results"), args.dataset)
     trainer = args.trainer or _only_trainer(results_dir, args.plans, args.configuration)
     cls = predictor_class_for(trainer)
+    options = family_options(args, cls, trainer)
     predictor = cls.from_trained(args.dataset, args.configuration, paths, trainer=trainer, plans_name=args.plans,
                                  folds=_folds(args.folds), checkpoint=args.checkpoint, use_ema=not args.no_ema,
-                                 device=args.device, sampler=args.sampler, num_steps=args.steps)
+                                 device=args.device, sampler=args.sampler, num_steps=args.steps, **options)
     if args.input is not None:
         if args.condition or args.guidance_scale is not None:
             raise NnDiffError("--condition and --guidance_scale apply to generation. Fix: drop -i to generate "
                               "samples, or drop them to predict the cases of -i")
-        written = predictor.predict_from_folder(args.input, args.output, seed=args.seed,
-                                                num_mc_samples=args.num_samples or 1)
+        written = predict_input_folder(predictor, args)
     else:
         written = predictor.generate_to_folder(args.output, args.num_samples or 8, seed=args.seed,
                                                **_generation_options(predictor, args))

@@ -1,8 +1,12 @@
 """Entry point ``nndiff_evaluate_folder``: evaluate a folder of predictions against references.
 
-For the generation family (this version): held-out real images (REF) against generated samples
-(PRED), with the memorization check against the training images. The Python API is
-:func:`nndiff.evaluation.evaluate_generation_folders` (re-exported here for convenience).
+Dispatch on dataset.json's ``task``: generation (default) compares held-out real images (REF) with
+generated samples (PRED), with the memorization check against the training images (Python API
+:func:`nndiff.evaluation.evaluate_generation_folders`, re-exported here for convenience);
+translation compares reference with predicted targets; reconstruction compares the fully sampled
+references with nndiff_predict's reconstructions (and its zero-filled / FBP baseline). Denoising is
+not evaluated here: its protocol degrades clean images and runs the model itself
+(:func:`nndiff.evaluation.denoising.evaluate_denoising`), so the command refuses denoising datasets.
 """
 from __future__ import annotations
 
@@ -41,11 +45,16 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
             "against the training images. Translation datasets (dataset.json task 'translation'): REF "
             "holds reference targets and PRED predicted targets; MAE, PSNR and SSIM in original units, "
             "overall and inside a body mask, and the std-error correlation of Monte-Carlo predictions. "
-            "Writes summary.json and prints a short table."
+            "Reconstruction datasets (task 'reconstruction'): REF holds the fully sampled images, PRED "
+            "nndiff_predict's output folder; PSNR, SSIM and NMSE (fastMRI definitions, optional --crop) of the "
+            "reconstructions and of the zero-filled / FBP baseline, and the data-consistency residual. "
+            "Denoising datasets are evaluated with the Python API (nndiff.evaluation.denoising."
+            "evaluate_denoising), not here. Writes summary.json and prints a short table."
         ),
     )
-    p.add_argument("reference", type=Path, metavar="REF", help="folder of held-out real images")
-    p.add_argument("prediction", type=Path, metavar="PRED", help="folder of generated samples")
+    p.add_argument("reference", type=Path, metavar="REF", help="held-out real images (translation: reference targets; reconstruction: fully "
+                   "sampled images)")
+    p.add_argument("prediction", type=Path, metavar="PRED", help="generated samples (translation, reconstruction: nndiff_predict's output folder)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", metavar="ID", help="dataset id or folder name in the raw root (reads its dataset.json)")
     source.add_argument("--dataset_json", type=Path, metavar="FILE", help="a dataset.json instead of -d")
@@ -68,12 +77,26 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
                    help="SSIM data range in original units (default: fingerprint percentiles, else REF max - min)")
     p.add_argument("--fingerprint", type=Path, default=None, metavar="FILE",
                    help="dataset_fingerprint.json for the data range (default: preprocessed/DatasetXXX/ when set)")
+    p.add_argument("--crop", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
+                   help="reconstruction datasets only: centre-crop both images to H x W before the metrics "
+                        "(fastMRI knee: 320 320; default: no crop)")
     paths = p.add_argument_group("folders (flag > environment variable)")
     paths.add_argument("--raw", default=None, metavar="DIR", help="raw data root (default: $nnDiff_raw)")
     paths.add_argument("--preprocessed", default=None, metavar="DIR",
                        help="preprocessed root, for the fingerprint (default: $nnDiff_preprocessed; optional)")
     add_verbosity_flags(p)
     return p
+
+
+def _positive_int(text: str) -> int:
+    """argparse ``type=`` for --crop sizes (error -> ``argument --crop: ...``, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _dataset_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -143,21 +166,65 @@ GENERATION_ONLY_FLAGS = ("training", "no_training", "feature_extractor", "max_pa
                          "memorization_candidates", "fingerprint")
 
 
+def refuse_flags(args: argparse.Namespace, names: Sequence[str], dataset_json: Path, task: str,
+                 applies_to: str, accepted: str) -> None:
+    """Refuse flags (argparse dests) that differ from their defaults: they mean nothing for ``task``."""
+    defaults = evaluate_folder_parser().parse_args([str(args.reference), str(args.prediction), "-d", "0"])
+    given = [f"--{name}" for name in names if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        raise NnDiffError(f"{', '.join(given)} only apply to {applies_to}, but {dataset_json} has task "
+                          f"'{task}'. Fix: drop them ({task} takes {accepted})")
+
+
 def _evaluate_translation(args: argparse.Namespace, dataset_json: Path, output: Path) -> None:
     """Translation datasets: REF holds reference targets (e.g. targetsTs), PRED the predicted targets
     (nndiff.evaluation.translation). Generation-only flags are refused, not ignored."""
     from nndiff.evaluation.translation import evaluate_translation_folders, format_translation_table
 
-    defaults = evaluate_folder_parser().parse_args([str(args.reference), str(args.prediction), "-d", "0"])
-    given = [f"--{name}" for name in GENERATION_ONLY_FLAGS if getattr(args, name) != getattr(defaults, name)]
-    if given:
-        raise NnDiffError(f"{', '.join(given)} only apply to generation datasets, but {dataset_json} has task "
-                          "'translation'. Fix: drop them (translation takes --data_range and -o)")
+    refuse_flags(args, GENERATION_ONLY_FLAGS, dataset_json, "translation", "generation datasets",
+                 "--data_range and -o")
+    refuse_flags(args, ("crop",), dataset_json, "translation", "reconstruction datasets", "--data_range and -o")
 
     summary = evaluate_translation_folders(args.reference, args.prediction, dataset_json=dataset_json,
                                            data_range=args.data_range, output_file=output)
     print(format_translation_table(summary))
     print(f"summary: {output}")
+
+
+def format_reconstruction_table(summary: dict) -> str:
+    """Mean PSNR / SSIM / NMSE of the reconstructions and the baseline, and the DC residual."""
+    mean = summary["mean"]
+    lines = [f"{summary['num_cases']} case(s){'' if not summary['crop'] else ', crop ' + 'x'.join(map(str, summary['crop']))}",
+             f"{'':<26}{'PSNR':>10}{'SSIM':>10}{'NMSE':>10}"]
+    for name, key in (("reconstruction", "reconstruction"), ("baseline (zero-filled/FBP)", "baseline")):
+        if key in mean:
+            row = mean[key]
+            lines.append(f"{name:<26}{_fmt(row['psnr']):>10}{_fmt(row['ssim']):>10}{_fmt(row['nmse']):>10}")
+    if "psnr_gain_over_baseline" in mean:
+        lines.append(f"PSNR gain over baseline: {_fmt(mean['psnr_gain_over_baseline'])} dB")
+    if "dc_residual" in mean:
+        lines.append(f"relative data-consistency residual: {_fmt(mean['dc_residual'])}")
+    return "\n".join(lines)
+
+
+def _evaluate_reconstruction(args: argparse.Namespace, dataset_json: Path, output: Path) -> None:
+    """Reconstruction datasets: REF = fully sampled images, PRED = nndiff_predict's output folder
+    (nndiff.evaluation.reconstruction). Generation-only flags and --data_range (the data range is
+    the reference maximum, fastMRI's definition) are refused, not ignored."""
+    from nndiff.evaluation.reconstruction import evaluate_reconstruction
+
+    refuse_flags(args, (*GENERATION_ONLY_FLAGS, "data_range"), dataset_json, "reconstruction",
+                 "generation or translation datasets", "--crop and -o")
+    summary = evaluate_reconstruction(args.prediction, args.reference, output_file=output, crop=args.crop)
+    print(format_reconstruction_table(summary))
+    print(f"summary: {output}")
+
+
+def _refuse_denoising(dataset_json: Path) -> None:
+    raise NnDiffError(f"{dataset_json} has task 'denoising'; its evaluation degrades clean images at fixed noise "
+                      "levels and runs the model with each strategy, so it needs the trained model, not two "
+                      "folders. Fix: use the Python API nndiff.evaluation.denoising.evaluate_denoising(predictor, "
+                      "cases, output_dir) (documentation/denoising.md)")
 
 
 def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
@@ -168,9 +235,17 @@ def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
     configure_logging(args)
     dataset_json, fingerprint = _dataset_files(args)
     output = args.output if args.output is not None else args.prediction / SUMMARY_FILE
-    if dataset_json.is_file() and json.loads(dataset_json.read_text()).get("task") == "translation":
+    task = json.loads(dataset_json.read_text()).get("task") if dataset_json.is_file() else None
+    if task == "translation":
         _evaluate_translation(args, dataset_json, output)
         return
+    if task == "reconstruction":
+        _evaluate_reconstruction(args, dataset_json, output)
+        return
+    if task == "denoising":
+        _refuse_denoising(dataset_json)
+    refuse_flags(args, ("crop",), dataset_json, str(task or "generation"), "reconstruction datasets",
+                 "the flags of --help except --crop")
     summary = evaluate_generation_folders(
         args.reference, args.prediction,
         training_dir=_training_dir(args, dataset_json),
