@@ -110,8 +110,8 @@ def add_reconstruction_flags(parser: argparse.ArgumentParser) -> None:
                        default=None, metavar="R",
                        help="with --simulate, MRI: acceleration (default: dataset.json 'reconstruction', else 4)")
     group.add_argument("--center_fraction", type=bounded_number(float, 0.0, 1.0), default=None, metavar="F",
-                       help="with --simulate, MRI: fully sampled centre fraction of the columns (default: dataset.json, "
-                            "else 0.08)")
+                       help="with --simulate, MRI: fully sampled centre fraction of the columns (default: "
+                            "dataset.json, else 0.08)")
     group.add_argument("--mask_pattern", choices=MASK_PATTERN_CHOICES, default=None,
                        help="with --simulate, MRI: Cartesian mask pattern (default: dataset.json 'mask_type', else "
                             "random)")

@@ -52,9 +52,10 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
             "evaluate_denoising), not here. Writes summary.json and prints a short table."
         ),
     )
-    p.add_argument("reference", type=Path, metavar="REF", help="held-out real images (translation: reference targets; reconstruction: fully "
-                   "sampled images)")
-    p.add_argument("prediction", type=Path, metavar="PRED", help="generated samples (translation, reconstruction: nndiff_predict's output folder)")
+    p.add_argument("reference", type=Path, metavar="REF",
+                   help="held-out real images (translation: reference targets; reconstruction: fully sampled images)")
+    p.add_argument("prediction", type=Path, metavar="PRED",
+                   help="generated samples (translation, reconstruction: nndiff_predict's output folder)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", metavar="ID", help="dataset id or folder name in the raw root (reads its dataset.json)")
     source.add_argument("--dataset_json", type=Path, metavar="FILE", help="a dataset.json instead of -d")
@@ -194,7 +195,8 @@ def _evaluate_translation(args: argparse.Namespace, dataset_json: Path, output: 
 def format_reconstruction_table(summary: dict) -> str:
     """Mean PSNR / SSIM / NMSE of the reconstructions and the baseline, and the DC residual."""
     mean = summary["mean"]
-    lines = [f"{summary['num_cases']} case(s){'' if not summary['crop'] else ', crop ' + 'x'.join(map(str, summary['crop']))}",
+    crop = f", crop {'x'.join(map(str, summary['crop']))}" if summary["crop"] else ""
+    lines = [f"{summary['num_cases']} case(s){crop}",
              f"{'':<26}{'PSNR':>10}{'SSIM':>10}{'NMSE':>10}"]
     for name, key in (("reconstruction", "reconstruction"), ("baseline (zero-filled/FBP)", "baseline")):
         if key in mean:
@@ -244,8 +246,9 @@ def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
         return
     if task == "denoising":
         _refuse_denoising(dataset_json)
-    refuse_flags(args, ("crop",), dataset_json, str(task or "generation"), "reconstruction datasets",
-                 "the flags of --help except --crop")
+    if task in (None, "generation"):  # other tasks are refused by evaluate_generation_folders itself
+        refuse_flags(args, ("crop",), dataset_json, "generation", "reconstruction datasets",
+                     "the flags of --help except --crop")
     summary = evaluate_generation_folders(
         args.reference, args.prediction,
         training_dir=_training_dir(args, dataset_json),
