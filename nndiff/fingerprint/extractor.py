@@ -13,11 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from nndiff.diffusion.options import Modality, TaskFamily
+from nndiff.errors import DatasetError
 from nndiff.fingerprint.modality import detect_modality, value_warnings
 from nndiff.fingerprint.statistics import PartialStats, merge_all
 from nndiff.preprocessing.case_io import CaseFiles, case_files_of, read_case
 from nndiff.preprocessing.cropping import bbox_from_mask, channel_background_values, crop, nonzero_mask
-from nndiff.preprocessing.layout import to_real_channels
+from nndiff.preprocessing.layout import stored_channels, to_real_channels
 from nndiff.preprocessing.parallel import map_cases
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class CaseStats:
     images: list[ChannelStats]
     targets: list[ChannelStats] = field(default_factory=list)
     label_counts: dict[int, int] = field(default_factory=dict)
+    missing_channels: list[int] = field(default_factory=list)
 
 
 def case_rng(seed: int, identifier: str) -> np.random.Generator:
@@ -80,16 +82,21 @@ def analyze_case(
     rng: np.random.Generator | None = None,
     identifier: str = "case",
     label_is_foreground: bool = True,
+    missing_channels: Sequence[int] = (),
 ) -> CaseStats:
     """Analyse one case: crop box (same rule as preprocessing), shapes, intensity statistics.
 
     Foreground is ``label > 0`` when a label is given and ``label_is_foreground``, else the
     nonzero rule (module constant ``FOREGROUND_NONZERO``) of the images (resp. targets).
+    ``missing_channels`` (allow_missing_channels): image channels the case lacks; they add no
+    statistics and do not shape the crop box or the foreground.
     """
     rng = rng if rng is not None else case_rng(1234, identifier)
+    missing = sorted({int(c) for c in missing_channels})
     real_images, is_complex = to_real_channels(images)
-    image_bg = channel_background_values(real_images)
-    mask = nonzero_mask(real_images, image_bg)
+    rows = [r for c in range(images.shape[0]) if c not in missing for r in stored_channels(c, is_complex)]
+    image_bg = channel_background_values(real_images[rows])
+    mask = nonzero_mask(real_images[rows], image_bg)
     num_stored = real_images.shape[0]
     target_mask = None
     if targets is not None:
@@ -99,7 +106,7 @@ def analyze_case(
     bbox = bbox_from_mask(mask if target_mask is None else mask | target_mask)
     use_label = label is not None and label_is_foreground
     fg = (np.asarray(label)[0] > 0) if use_label else mask
-    image_stats = _whole_and_cropped(images, fg, bbox, max_samples, rng)
+    image_stats = _whole_and_cropped(images, fg, bbox, max_samples, rng, missing)
     target_stats: list[ChannelStats] = []
     if targets is not None:
         target_fg = fg if use_label else target_mask
@@ -120,15 +127,20 @@ def analyze_case(
         images=image_stats,
         targets=target_stats,
         label_counts=counts,
+        missing_channels=missing,
     )
 
 
 def _whole_and_cropped(values: np.ndarray, fg: np.ndarray, bbox: list[list[int]], max_samples: int,
-                       rng: np.random.Generator) -> list[ChannelStats]:
-    """Whole-image statistics over every voxel; foreground ones inside the crop box (as nnU-Net)."""
+                       rng: np.random.Generator, missing: Sequence[int] = ()) -> list[ChannelStats]:
+    """Whole-image statistics over every voxel; foreground ones inside the crop box (as nnU-Net).
+    A ``missing`` channel gets empty statistics (merging skips them)."""
     cropped_fg = crop(fg[None], bbox)[0]
     out = []
-    for channel in _magnitude(values):
+    for index, channel in enumerate(_magnitude(values)):
+        if index in missing:
+            out.append(ChannelStats(PartialStats(), PartialStats()))
+            continue
         whole = PartialStats.from_values(channel, max_samples, rng)
         foreground = PartialStats.from_values(crop(channel[None], bbox)[0][cropped_fg], max_samples, rng)
         out.append(ChannelStats(whole, foreground))
@@ -150,7 +162,8 @@ def _analyze_one(task: _AnalysisTask) -> CaseStats:
     """Worker: read and analyse one case."""
     raw = read_case(task.files)
     return analyze_case(raw.images, raw.properties, raw.label, raw.targets, task.max_samples,
-                        case_rng(task.seed, raw.identifier), raw.identifier, task.label_is_foreground)
+                        case_rng(task.seed, raw.identifier), raw.identifier, task.label_is_foreground,
+                        raw.missing_channels)
 
 
 # --------------------------------------------------------------------------- summary
@@ -175,6 +188,11 @@ def _properties_per_channel(cases: list[CaseStats], role: str, which: str,
     count = len(getattr(cases[0], role)) if cases else 0
     out = {}
     for c in range(count):
+        if role == "images" and all(c in case.missing_channels for case in cases):
+            raise DatasetError([(f"image channel {c}", "is missing in every training case, so it has no "
+                                 "intensity statistics to plan its normalization from",
+                                 "add the channel's files for at least one case or remove the channel from "
+                                 "channel_names")])
         merged = merge_all([getattr(getattr(case, role)[c], which) for case in cases])
         if merged.count == 0 and which == "foreground":
             merged = merge_all([getattr(case, role)[c].whole for case in cases])
@@ -281,6 +299,7 @@ def assemble_fingerprint(
         "target_intensity_properties_per_channel": target_whole,
         "target_foreground_intensity_properties_per_channel": target_foreground,
         "label_statistics": _label_statistics(cases, labels),
+        "missing_channels": {c.identifier: list(c.missing_channels) for c in cases if c.missing_channels},
         "dataset_size": {
             "num_cases": len(cases),
             "total_voxels": voxels,

@@ -16,6 +16,7 @@ import numpy as np
 
 from nndiff.errors import PlansError
 from nndiff.preprocessing import normalization as norm
+from nndiff.preprocessing.case_io import MISSING_CHANNELS_KEY
 from nndiff.preprocessing.cropping import (
     bbox_from_mask,
     channel_background_values,
@@ -105,28 +106,47 @@ def target_spacing(config: dict, spacing: Sequence[float], shape: Sequence[int])
 # --------------------------------------------------------------------------- forward
 
 
+def _check_missing(missing_channels: Sequence[int], num_images: int, identifier: str) -> list[int]:
+    """Sorted distinct channel indices in range, at least one channel left."""
+    missing = sorted({int(c) for c in missing_channels})
+    if any(c < 0 or c >= num_images for c in missing) or len(missing) == num_images:
+        raise ValueError(f"case {identifier}: missing_channels {list(missing_channels)} must be distinct indices "
+                         f"below {num_images} that leave at least one image channel present")
+    return missing
+
+
 def _crop_box(images: np.ndarray, image_bg: list[float], targets: np.ndarray | None,
-              target_bg: list[float] | None, enabled: bool) -> list[list[int]]:
-    """Box of voxels that are non-background in any image or target channel."""
+              target_bg: list[float] | None, enabled: bool, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Box of voxels that are non-background in any image (``rows``: the present stored channels)
+    or target channel."""
     if not enabled:
         return full_bbox(images.shape[1:])
-    mask = nonzero_mask(images, image_bg)
+    rows = list(range(images.shape[0])) if rows is None else list(rows)
+    mask = nonzero_mask(images[rows], [image_bg[r] for r in rows])
     if targets is not None and target_bg is not None:
         mask |= nonzero_mask(targets, target_bg)
     return bbox_from_mask(mask)
 
 
-def _normalize_role(array: np.ndarray, entries: list[dict], is_complex: bool) -> tuple[np.ndarray, list[dict], list[list[int]]]:
+def _normalize_role(array: np.ndarray, entries: list[dict], is_complex: bool,
+                    missing: Sequence[int] = ()) -> tuple[np.ndarray, list[dict], list[list[int]]]:
     """Normalize every stored channel with its original channel's entry.
 
     Returns the float64 array, the per-channel record for the case JSON (scheme, params and the
-    per-image values if any) and ``[clipped, total]`` voxel counts per original channel.
+    per-image values if any) and ``[clipped, total]`` voxel counts per original channel. A
+    ``missing`` channel stays zero (a window scheme would map 0 to a plausible intensity) and its
+    record says ``"missing": true``; it adds nothing to the clip counts.
     """
     out = np.empty_like(array, dtype=np.float64)
     records: list[dict] = []
     counts: list[list[int]] = []
     for channel, entry in enumerate(entries):
         idx = stored_channels(channel, is_complex)
+        if channel in missing:
+            out[idx] = 0.0
+            records.append({"channel": channel, **norm.describe(entry), "missing": True})
+            counts.append([0, 0])
+            continue
         values = norm.per_image_values(array[idx], entry)
         clipped = total = 0
         for i in idx:
@@ -182,6 +202,7 @@ def preprocess_case(
     targets: np.ndarray | None = None,
     target_properties: Any = None,
     identifier: str = "case",
+    missing_channels: Sequence[int] = (),
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Preprocess one case for ``configuration`` of ``plans``.
 
@@ -194,10 +215,15 @@ def preprocess_case(
     ``shape_after_resampling``, ``resampling`` settings, and per role (``images``, ``targets``)
     the channel layout (complex pairs), background values, normalization (with per-image values)
     and clip counts.
+
+    ``missing_channels`` (dataset.json ``allow_missing_channels``): image channels the case lacks.
+    Their rows of ``images`` are ignored and stored as zeros (not normalized, not used for the crop
+    box) and the case JSON lists them under ``"missing_channels"`` (:data:`MISSING_CHANNELS_KEY`).
     """
     config = resolve_config(plans, configuration)
     forward, backward = transposes(plans)
     num_images = images.shape[0]
+    missing = _check_missing(missing_channels, num_images, identifier)
     real_images, images_complex = to_real_channels(images)
     real_images = transpose_array(real_images, forward)
     spacing = [float(v) for v in transpose_values(list(properties.spacing), forward)]
@@ -209,7 +235,9 @@ def preprocess_case(
     image_bg = channel_background_values(real_images)
     target_bg = channel_background_values(real_targets) if real_targets is not None else None
     shape_before_crop = [int(n) for n in real_images.shape[1:]]
-    bbox = _crop_box(real_images, image_bg, real_targets, target_bg, bool(config.get("crop_to_nonzero", True)))
+    present_rows = [r for c in range(num_images) if c not in missing for r in stored_channels(c, images_complex)]
+    bbox = _crop_box(real_images, image_bg, real_targets, target_bg, bool(config.get("crop_to_nonzero", True)),
+                     present_rows)
     cropped = crop(real_images, bbox)
     shape_after_crop = [int(n) for n in cropped.shape[1:]]
 
@@ -218,7 +246,7 @@ def preprocess_case(
     data_settings = settings_from_config(config, "data")
 
     data, image_records, image_counts = _normalize_role(
-        cropped, normalization_entries(plans, "images", num_images), images_complex)
+        cropped, normalization_entries(plans, "images", num_images), images_complex, missing)
     arrays = {"data": _resample_role(data, new_shape, spacing, new_spacing, data_settings,
                                      image_records, images_complex)}
     case_json: dict[str, Any] = {
@@ -238,6 +266,8 @@ def preprocess_case(
         "images": _role_json(images_complex, num_images, str(properties.dtype), image_bg,
                              image_records, image_counts),
     }
+    if missing:
+        case_json[MISSING_CHANNELS_KEY] = missing
 
     if real_targets is not None:
         target_settings = settings_from_config(config, "target")
@@ -326,7 +356,8 @@ def _invert_intensities(array: np.ndarray, case_json: dict, layout: dict, settin
     out = np.empty(work.shape, dtype=np.float64)
     for record in layout["normalization"]:
         for i in stored_channels(record["channel"], is_complex):
-            out[i] = norm.denormalize(work[i], record, record.get("image_values"))
+            # a missing channel has no intensities to restore: it stays the zeros it was read as
+            out[i] = 0.0 if record.get("missing") else norm.denormalize(work[i], record, record.get("image_values"))
     out = uncrop(out, case_json["bbox"], case_json["shape_before_crop"], layout["background"])
     out = transpose_array(out, case_json["transpose_backward"])
     return from_real_channels(out, is_complex) if is_complex else out.astype(np.float32)

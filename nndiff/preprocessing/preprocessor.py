@@ -36,6 +36,7 @@ def _preprocess_one(task: _CaseTask) -> dict:
     arrays, case_json = preprocess_case(
         raw.images, raw.properties, task.plans, task.configuration, label=raw.label,
         targets=raw.targets, target_properties=raw.target_properties, identifier=raw.identifier,
+        missing_channels=raw.missing_channels,
     )
     case_json["data_identifier"] = task.data_identifier
     save_case(task.out_dir, raw.identifier, arrays, case_json)
