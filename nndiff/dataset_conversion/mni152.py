@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nndiff.dataset.io import ImageProperties, write_image
-from nndiff.dataset.raw_dataset import DATASET_FOLDER, parse_dataset_folder_name
+from nndiff.dataset_conversion.common import check_dataset_id_free
 from nndiff.diffusion.options import TaskFamily, parse_option
 from nndiff.errors import NnDiffError
 from nndiff.utils.files import atomic_directory, save_json
@@ -358,16 +358,6 @@ def dataset_name(mode: str, axis: str, task: TaskFamily) -> str:
     return f"MNI152{axis.capitalize()}{suffix}" + ("Seg" if task == TaskFamily.SEGMENTATION else "")
 
 
-def _check_no_other_dataset_with_id(raw_root: Path, dataset_id: int, folder_name: str) -> None:
-    if not raw_root.is_dir():
-        return
-    clashes = [p.name for p in raw_root.iterdir() if p.is_dir() and DATASET_FOLDER.match(p.name)
-               and parse_dataset_folder_name(p.name)[0] == dataset_id and p.name != folder_name]
-    if clashes:
-        raise NnDiffError(f"{raw_root} already holds dataset id {dataset_id} ({', '.join(clashes)}). "
-                          "Fix: pick another -d ID or remove that folder")
-
-
 def _write_case(folder: Path, split: str, case_id: str, image: np.ndarray, label: np.ndarray | None,
                 props: ImageProperties, file_ending: str) -> None:
     """Write one case: image ``images{split}/{case}_0000`` and, if given, ``labels{split}/{case}``."""
@@ -457,7 +447,7 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
         raise NnDiffError(f"dataset id must be 0..999, got {dataset_id}")
     raw_root = Path(raw_root)
     folder_name = f"Dataset{int(dataset_id):03d}_{name or dataset_name(mode, axis, family)}"
-    _check_no_other_dataset_with_id(raw_root, int(dataset_id), folder_name)
+    check_dataset_id_free(raw_root, int(dataset_id), folder_name)
     if mode == "3d" and slab_size is None:
         slab_size = DEFAULT_3D_SLAB_SIZE
     vol = load_mni152(resolution)
