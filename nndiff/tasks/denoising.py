@@ -11,12 +11,13 @@ Two training modes, told apart by dataset.json:
   mapped back through the plan's normalization, degraded, and normalised again with the same map,
   clip included, as inference normalises a real noisy image).
 
-The degradation comes from dataset.json ``"degradation": {"type", "level"}`` or, without it, from
-the image channels' modality (:func:`decide_degradation`): Rician for MR (magnitude), Poisson for
-PET, Gaussian otherwise. CT gets Gaussian too: the low-dose CT simulator needs a projector whose
-geometry matches the scanner, which the trainer does not have (stated in the reason). The choice and
-its reason are logged and written to ``debug.json`` (``degradation``). The planner should own this
-decision later (a ``decide_degradation`` rule in the plans); it lives here until then.
+The degradation is the planner's decision, read from the configuration's ``degradation`` block
+(:func:`nndiff.planning.diffusion.decide_degradation`: dataset.json ``"degradation"`` or, without
+it, the modality: Rician for magnitude MR, low-dose Poisson *in projection* for CT (``ct: true``),
+Poisson for PET, Gaussian otherwise), with the plan's reason. For ``ct: true`` the trainer projects
+each patch with a full-view parallel-beam geometry (:func:`ct_projector`) and reconstructs it by
+filtered back-projection (:class:`nndiff.tasks.operators.ParallelBeamCT`). The choice and its
+reason are logged and written to ``debug.json`` (``degradation``).
 
 In both modes the condition is replaced by zeros with probability
 :attr:`DenoisingTrainer.condition_drop_probability` (classifier-free-guidance style), so the same
@@ -27,6 +28,7 @@ See ``documentation/denoising.md``.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -34,24 +36,18 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from nndiff.diffusion.options import Degradation, Modality, parse_option
+from nndiff.diffusion.options import Degradation, parse_option
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.preprocessing import normalization as norm
-from nndiff.tasks.degradations import DegradationError, simulate
+from nndiff.tasks.degradations import CTProjector, DegradationError, simulate
+from nndiff.tasks.operators import ParallelBeamCT, parallel_beam_angles
 from nndiff.tasks.translation import TranslationTrainer, availability, condition_image
 from nndiff.training import Trainer, register_trainer
 
 logger = logging.getLogger(__name__)
 
-#: dataset.json key of the clean-only degradation model.
+#: Configuration key of the planner's clean-only degradation decision.
 DEGRADATION_KEY = "degradation"
-#: Level range per kind when dataset.json gives none (relative noise, see degradations.simulate):
-#: covers the evaluation levels (Rician / Gaussian 2-10 % of the maximum) with margin.
-DEFAULT_LEVELS: dict[Degradation, tuple[float, float]] = {
-    Degradation.GAUSSIAN: (0.01, 0.15),
-    Degradation.RICIAN: (0.01, 0.15),
-    Degradation.POISSON: (0.05, 0.3),  # 11 to 400 mean counts per voxel
-}
 #: Probability of training a sample with the null (zero) condition.
 CONDITION_DROP_PROBABILITY = 0.1
 
@@ -61,61 +57,50 @@ CONDITION_DROP_PROBABILITY = 0.1
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DegradationSetting:
-    """What clean-only training simulates: ``kind`` at a level drawn from ``level`` ([low, high])."""
+    """What clean-only training simulates: ``kind`` at a level drawn from ``level`` ([low, high]);
+    ``ct``: Poisson noise in projection (low dose) instead of in the image."""
 
     kind: Degradation
     level: tuple[float, float]
     reason: str
+    ct: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.kind.value, "level": list(self.level), "reason": self.reason}
+        return {"type": self.kind.value, "level": list(self.level), "ct": self.ct, "reason": self.reason}
 
 
-def _level_range(level: Any, where: str) -> tuple[float, float]:
-    values = [level, level] if isinstance(level, (int, float)) else list(level) if isinstance(level, (list, tuple)) else None
-    if values is None or len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) \
-            or not 0 < float(values[0]) <= float(values[1]):
-        raise DegradationError(f"{where}: 'level' must be a number > 0 or [low, high] with 0 < low <= high, "
-                               f"got {level!r}. Fix: e.g. \"level\": [0.02, 0.1]")
-    return float(values[0]), float(values[1])
+def degradation_from_plan(configuration: Mapping[str, Any], plans_reasons: Mapping[str, Any] | None,
+                          where: str) -> DegradationSetting:
+    """The planner's ``degradation`` block of a clean-only denoising configuration, validated."""
+    block = configuration.get(DEGRADATION_KEY)
+    if not isinstance(block, Mapping) or "type" not in block or "level" not in block:
+        raise PlansError(f"{where} has no valid '{DEGRADATION_KEY}' block for clean-only denoising (found "
+                         f"{block!r}). Fix: re-run nndiff_plan_and_preprocess (the planner decides it)")
+    try:
+        kind = parse_option(Degradation, str(block["type"]), "degradation type")
+    except ValueError as error:
+        raise PlansError(f"{where} '{DEGRADATION_KEY}': {error}. Fix: re-run planning") from None
+    level = block["level"]
+    if not (isinstance(level, (list, tuple)) and len(level) == 2 and 0 < float(level[0]) <= float(level[1])):
+        raise PlansError(f"{where} '{DEGRADATION_KEY}.level' must be [low, high] with 0 < low <= high, got "
+                         f"{level!r}. Fix: re-run planning")
+    ct = bool(block.get("ct", False))
+    if ct and kind is not Degradation.POISSON:
+        raise PlansError(f"{where} '{DEGRADATION_KEY}' has ct true with type {kind.value!r}; low-dose CT is "
+                         "Poisson in projection. Fix: re-run planning")
+    reason = str((plans_reasons or {}).get(DEGRADATION_KEY) or f"planned ({block.get('source', 'plan')})")
+    return DegradationSetting(kind, (float(level[0]), float(level[1])), reason, ct)
 
 
-def decide_degradation(dataset_json: Mapping[str, Any], modalities: Sequence[str],
-                       where: str = "dataset.json") -> DegradationSetting:
-    """The clean-only degradation: dataset.json's ``degradation`` block, else from the modality.
-
-    Modality rule (first image channel's modality): MR -> Rician (magnitude images have Rician
-    noise); PET -> Poisson (counting noise); CT -> Gaussian, because low-dose CT (Poisson in
-    projection) needs a projector of the scanner geometry that training does not have; anything
-    else -> Gaussian. The level range defaults to :data:`DEFAULT_LEVELS`.
-    """
-    block = dataset_json.get(DEGRADATION_KEY)
-    if block is not None:
-        key = f"{where} key '{DEGRADATION_KEY}'"
-        if not isinstance(block, Mapping) or "type" not in block:
-            raise DegradationError(f"{key} must be an object with 'type' (gaussian, rician, poisson) and 'level'. "
-                                   "Fix: e.g. \"degradation\": {\"type\": \"rician\", \"level\": [0.02, 0.1]}")
-        try:
-            kind = parse_option(Degradation, str(block["type"]), "degradation type")
-        except ValueError as error:
-            raise DegradationError(f"{key}: {error}. Fix: use one of "
-                                   f"{', '.join(d.value for d in Degradation)}") from None
-        level = _level_range(block["level"], key) if "level" in block else DEFAULT_LEVELS[kind]
-        return DegradationSetting(kind, level, f"{key} says {kind.value} at level {list(level)}")
-    modality = str(modalities[0]) if modalities else Modality.OTHER.value
-    if modality == Modality.MR.value:
-        kind, why = Degradation.RICIAN, "MR magnitude images carry Rician noise"
-    elif modality == Modality.PET.value:
-        kind, why = Degradation.POISSON, "PET images carry Poisson counting noise"
-    elif modality == Modality.CT.value:
-        kind, why = Degradation.GAUSSIAN, ("CT: low-dose (Poisson in projection) simulation needs a projector of "
-                                           "the scanner geometry, which training does not have, so Gaussian in "
-                                           "the image; give \"degradation\" to choose")
-    else:
-        kind, why = Degradation.GAUSSIAN, f"modality {modality!r} has no specific noise model"
-    level = DEFAULT_LEVELS[kind]
-    return DegradationSetting(kind, level, f"no '{DEGRADATION_KEY}' in {where}; {why} -> {kind.value} at "
-                                           f"level {list(level)} (relative noise, one draw per case)")
+def ct_projector(patch_size: Sequence[int], spacing: Sequence[float]) -> CTProjector:
+    """Full-view parallel-beam projector of a patch's in-plane grid for low-dose CT simulation:
+    ceil(pi/2 * side) views over 180 degrees (angular Nyquist rate for the patch), FBP with a ramp
+    filter as the reconstruction; pixel size = the in-plane spacing (mm), so HU become attenuation
+    per pixel. 3D patches are projected slice by slice (the operator folds leading axes)."""
+    height, width = int(patch_size[-2]), int(patch_size[-1])
+    views = int(math.ceil(math.pi / 2 * max(height, width)))
+    operator = ParallelBeamCT((height, width), parallel_beam_angles(views))
+    return CTProjector(operator.forward, operator.fbp, pixel_mm=float(spacing[-1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,17 +142,20 @@ def affine_normalization(entry: Mapping[str, Any], image_values: Mapping[str, fl
 
 
 def degrade_normalised(clean: torch.Tensor, maps: Sequence[AffineNormalization], setting: DegradationSetting,
-                       generator: torch.Generator | None) -> torch.Tensor:
+                       generator: torch.Generator | None, ct: CTProjector | None = None) -> torch.Tensor:
     """A noisy copy of normalised ``clean`` ``(B, C, *spatial)``: back to original units per channel,
-    ``simulate`` (one level per case, reference = the case's maximum), normalised again."""
+    ``simulate`` (one level per case, reference = the case's maximum; with ``setting.ct`` low-dose CT
+    through ``ct``), normalised again."""
+    if setting.ct and ct is None:
+        raise PlansError("the planned degradation is low-dose CT (ct true) but no projector was given")
     if len(maps) != clean.shape[1]:
         raise PlansError(f"{len(maps)} normalization entries for {clean.shape[1]} channel(s). Fix: re-run planning")
     original = torch.cat([m.to_original(clean[:, c:c + 1]) for c, m in enumerate(maps)], dim=1)
-    if setting.kind is Degradation.POISSON and float(original.min()) < 0:
+    if setting.kind is Degradation.POISSON and not setting.ct and float(original.min()) < 0:
         raise DegradationError(f"the Poisson degradation needs non-negative intensities but the images reach "
                                f"{float(original.min()):g} in original units. Fix: set dataset.json "
                                "'degradation' to gaussian (or rician for MR)")
-    noisy = simulate(setting.kind, original, list(setting.level), generator)
+    noisy = simulate(setting.kind, original, list(setting.level), generator, ct=ct if setting.ct else None)
     return torch.cat([m.to_model(noisy[:, c:c + 1]) for c, m in enumerate(maps)], dim=1).to(clean.dtype)
 
 
@@ -192,6 +180,7 @@ class DenoisingTrainer(TranslationTrainer):
         super().__init__(*args, **kwargs)
         self.paired = False
         self.degradation: DegradationSetting | None = None
+        self.ct: CTProjector | None = None
         self.normalization_maps: list[AffineNormalization] = []
 
     def initialize(self) -> None:
@@ -204,9 +193,11 @@ class DenoisingTrainer(TranslationTrainer):
         if self.paired:
             return
         entries = (self.plans.get("normalization") or {}).get("images") or []
-        modalities = [str(e.get("modality", "other")) for e in entries]
-        self.degradation = decide_degradation(dataset_json, modalities,
-                                              str(self.preprocessed_dataset_dir / "dataset.json"))
+        self.degradation = degradation_from_plan(
+            self.configuration, self.configuration.get("reasons"),
+            f"configuration {self.configuration_name!r} of {self.preprocessed_dataset_dir / 'nnDiffPlans.json'}")
+        if self.degradation.ct:
+            self.ct = ct_projector(self.configuration["patch_size"], self.configuration["spacing"])
         if any(str(e.get("scheme")) == "per_image_percentile" for e in entries):
             raise PlansError("clean-only denoising produces the images, but the plan normalises them per image "
                              "(per_image_percentile), which has no fixed inverse for simulation. Fix: re-run "
@@ -221,8 +212,8 @@ class DenoisingTrainer(TranslationTrainer):
             return
         assert self.degradation is not None
         self.log(f"denoising, clean-only mode: degradation {self.degradation.kind.value} level "
-                 f"{list(self.degradation.level)} ({self.degradation.reason}). The planner does not decide the "
-                 "degradation yet; this trainer does")
+                 f"{list(self.degradation.level)}{' in projection (low-dose CT)' if self.degradation.ct else ''} "
+                 f"({self.degradation.reason})")
 
     def debug_info(self) -> dict[str, Any]:
         info = super().debug_info()
@@ -251,7 +242,7 @@ class DenoisingTrainer(TranslationTrainer):
         else:
             assert self.degradation is not None and self.layout is not None
             generator = None if train else validation_generator(self.seed, batch["keys"], self.device)
-            noisy = degrade_normalised(batch["target"], self.normalization_maps, self.degradation, generator)
+            noisy = degrade_normalised(batch["target"], self.normalization_maps, self.degradation, generator, self.ct)
             cond = condition_image(noisy, batch["available"], self.layout)
         if train and self.condition_drop_probability > 0:
             keep = torch.rand(cond.shape[0], device=cond.device) >= self.condition_drop_probability

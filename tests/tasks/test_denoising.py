@@ -14,7 +14,7 @@ from nndiff.dataset.examples import properties_2d
 from nndiff.dataset.io import read_images, write_image
 from nndiff.diffusion.config import DiffusionConfig, build_process
 from nndiff.diffusion.options import Degradation
-from nndiff.errors import DatasetError, NnDiffError
+from nndiff.errors import DatasetError, NnDiffError, PlansError
 from nndiff.inference import predictor_class_for
 from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
@@ -22,8 +22,10 @@ from nndiff.tasks.degradations import DegradationError, matching_timestep
 from nndiff.tasks.denoising import (
     AffineNormalization,
     DenoisingTrainer,
+    DegradationSetting,
     affine_normalization,
-    decide_degradation,
+    ct_projector,
+    degradation_from_plan,
     degrade_normalised,
 )
 from nndiff.tasks.denoising_predictor import DenoisingPredictor, warm_start_steps
@@ -112,24 +114,38 @@ def paired(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # Mechanics
 # ----------------------------------------------------------------------------------------------
-def test_decide_degradation_from_block_and_modality():
-    assert decide_degradation({}, ["mr"]).kind is Degradation.RICIAN
-    assert decide_degradation({}, ["pet"]).kind is Degradation.POISSON
-    ct = decide_degradation({}, ["ct"])
-    assert ct.kind is Degradation.GAUSSIAN and "projector" in ct.reason
-    assert decide_degradation({}, ["other"]).kind is Degradation.GAUSSIAN
-    given = decide_degradation({"degradation": {"type": "gaussian", "level": [0.02, 0.05]}}, ["mr"])
-    assert given.kind is Degradation.GAUSSIAN and given.level == (0.02, 0.05) and "dataset.json" in given.reason
-    assert decide_degradation({"degradation": {"type": "rician", "level": 0.1}}, ["mr"]).level == (0.1, 0.1)
+def test_degradation_comes_from_the_plan():
+    config = {"degradation": {"type": "poisson", "level": [0.005, 0.02], "ct": True, "source": "modality"}}
+    setting = degradation_from_plan(config, {"degradation": "first image channel is CT"}, "plans")
+    assert setting == DegradationSetting(Degradation.POISSON, (0.005, 0.02), "first image channel is CT", True)
+    assert degradation_from_plan({"degradation": {"type": "rician", "level": [0.1, 0.1]}}, None, "p").ct is False
 
 
-def test_bad_degradation_blocks_name_the_key():
-    with pytest.raises(DegradationError, match=r"x/dataset.json key 'degradation'.*'speckle'.*gaussian, rician"):
-        decide_degradation({"degradation": {"type": "speckle", "level": 0.1}}, ["mr"], "x/dataset.json")
-    with pytest.raises(DegradationError, match="'degradation'.*'level'.*\\[low, high\\]"):
-        decide_degradation({"degradation": {"type": "rician", "level": [0.2, 0.1]}}, ["mr"])
-    with pytest.raises(DegradationError, match="'degradation' must be an object with 'type'"):
-        decide_degradation({"degradation": "rician"}, ["mr"])
+@pytest.mark.parametrize("block,match", [
+    (None, "no valid 'degradation' block.*re-run nndiff_plan_and_preprocess"),
+    ({"type": "speckle", "level": [0.1, 0.1]}, "'speckle'"),
+    ({"type": "rician", "level": [0.2, 0.1]}, r"level' must be \[low, high\]"),
+    ({"type": "gaussian", "level": [0.1, 0.1], "ct": True}, "ct true with type 'gaussian'"),
+])
+def test_bad_planned_degradation_is_a_clear_error(block, match):
+    with pytest.raises(PlansError, match=match):
+        degradation_from_plan({"degradation": block}, None, "configuration '2d' of x/nnDiffPlans.json")
+
+
+def test_low_dose_ct_through_the_projector_adds_noise_that_grows_with_lower_dose():
+    maps = [AffineNormalization(1000.0, 0.0, False)]  # normalised = HU / 1000
+    clean = torch.zeros(2, 1, 16, 16)
+    clean[:, :, 4:12, 4:12] = 0.04  # 40 HU soft tissue in air-free water background 0 HU
+    ct = ct_projector([16, 16], [1.0, 1.0])
+    errors = []
+    for level in (0.005, 0.05):  # 40000 and 400 photons per ray
+        setting = DegradationSetting(Degradation.POISSON, (level, level), "test", True)
+        noisy = degrade_normalised(clean, maps, setting, torch.Generator().manual_seed(0), ct)
+        assert noisy.shape == clean.shape and torch.isfinite(noisy).all()
+        errors.append(float((noisy - clean).std()))
+    assert errors[1] > 3 * errors[0]  # 100x fewer photons: about 10x the noise
+    with pytest.raises(PlansError, match="no projector"):
+        degrade_normalised(clean, maps, DegradationSetting(Degradation.POISSON, (0.01, 0.01), "t", True), None)
 
 
 def test_affine_normalization_matches_the_plan_maps():
@@ -145,12 +161,12 @@ def test_affine_normalization_matches_the_plan_maps():
 def test_degrade_normalised_adds_rician_noise_in_original_units():
     maps = [AffineNormalization(100.0, 100.0, True)]
     clean = torch.full((64, 1, 16, 16), 0.0)  # 100 in original units, max 100
-    setting = decide_degradation({"degradation": {"type": "rician", "level": 0.1}}, ["mr"])
+    setting = DegradationSetting(Degradation.RICIAN, (0.1, 0.1), "test")
     noisy = degrade_normalised(clean, maps, setting, torch.Generator().manual_seed(0))
     original = noisy * 100.0 + 100.0
     # |100 + 10 n1 + i 10 n2|: E[M^2] = 100^2 + 2 * 10^2
     assert float((original ** 2).mean()) == pytest.approx(100.0 ** 2 + 200.0, rel=0.01)
-    poisson = decide_degradation({"degradation": {"type": "poisson", "level": 0.1}}, ["pet"])
+    poisson = DegradationSetting(Degradation.POISSON, (0.1, 0.1), "test")
     with pytest.raises(DegradationError, match="non-negative.*-100.*'degradation'"):
         degrade_normalised(torch.full((1, 1, 4, 4), -2.0), maps, poisson, None)
 
@@ -175,7 +191,8 @@ def test_paired_case_missing_its_target_is_an_integrity_error(tmp_path):
 def test_clean_only_training_records_the_rician_choice(clean_only):
     debug = load_json(clean_only["model_dir"] / "fold_0" / "debug.json")
     assert debug["trainer_class"] == "DenoisingTrainer" and debug["denoising_mode"] == "clean_only"
-    assert debug["degradation"] == {"type": "rician", "level": [0.02, 0.12], "reason": debug["degradation"]["reason"]}
+    assert debug["degradation"] == {"type": "rician", "level": [0.02, 0.12], "ct": False,
+                                    "reason": debug["degradation"]["reason"]}
     assert "dataset.json key 'degradation'" in debug["degradation"]["reason"]
     log = "".join(p.read_text() for p in (clean_only["model_dir"] / "fold_0").glob("*.txt"))
     assert "rician" in log
