@@ -268,12 +268,15 @@ class Predictor:
     # ------------------------------------------------------------------------------------------
     # Input cases
     # ------------------------------------------------------------------------------------------
-    def prepare_case(self, images: np.ndarray, properties: Any, identifier: str) -> PreparedCase:
-        """Preprocess raw arrays ``(C, Z, Y, X)`` with the plan (as training data was)."""
+    def prepare_case(self, images: np.ndarray, properties: Any, identifier: str,
+                     missing_channels: Sequence[int] = ()) -> PreparedCase:
+        """Preprocess raw arrays ``(C, Z, Y, X)`` with the plan (as training data was);
+        ``missing_channels``: stand-in channels that must not influence crop or statistics (stored as
+        zeros and listed in the case JSON, as preprocessing does for training cases)."""
         from nndiff.preprocessing import preprocess_case
 
         arrays, case_json = preprocess_case(images, properties, self.plans, self.configuration_name,
-                                            identifier=identifier)
+                                            identifier=identifier, missing_channels=missing_channels)
         return PreparedCase(identifier, arrays["data"], case_json)
 
     def write_case_output(self, output: torch.Tensor, case: PreparedCase, output_dir: Path, identifier: str,

@@ -27,6 +27,7 @@ from nndiff.diffusion.config import DiffusionConfig, build_noise, build_process,
 from nndiff.diffusion.losses import ImportanceTimeSampler, diffusion_loss
 from nndiff.diffusion.samplers import sample
 from nndiff.errors import NnDiffError, PlansError
+from nndiff.preprocessing.case_io import MISSING_CHANNELS_KEY  # CASE.json: channels a case lacks
 from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
 from nndiff.training.data import load_case_json
 from nndiff.training.rng import torch_generator
@@ -34,8 +35,6 @@ from nndiff.utils.files import load_json
 
 logger = logging.getLogger(__name__)
 
-#: CASE.json key listing the source channels a preprocessed case lacks (zero-filled, masked).
-MISSING_CHANNELS_KEY = "missing_channels"
 #: dataset.json key that allows cases without some source channels.
 ALLOW_MISSING_KEY = "allow_missing_channels"
 #: Probability of dropping each available source channel per training sample (mask mode only).

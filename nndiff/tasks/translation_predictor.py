@@ -154,10 +154,7 @@ class TranslationPredictor(Predictor):
                               f"\"{ALLOW_MISSING_KEY}\": true. Fix: give every channel of channel_names")
         if len(missing) >= self.layout.num_images:
             raise NnDiffError(f"case {identifier}: every channel is missing. Fix: give at least one channel")
-        case = self.prepare_case(images, properties, identifier)
-        if missing:
-            case.case_json[MISSING_CHANNELS_KEY] = missing
-        return case
+        return self.prepare_case(images, properties, identifier, missing_channels=missing)
 
     def predict_arrays(self, images: np.ndarray, properties: Any, identifier: str = "case", seed: int = 0,
                        missing_channels: Sequence[int] = ()) -> tuple[np.ndarray, Any]:

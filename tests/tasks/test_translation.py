@@ -324,8 +324,8 @@ def _mark_missing(pre: Path, configuration_folder: str, case: str, channel: int)
 def test_missing_channel_mode_trains_and_predicts(tmp_path, caplog):
     paths = _paths(tmp_path)
     _paired_2d(paths.raw, 74, 5, seed=1, channels=2, allow_missing=True)
-    pre = _prepare(paths, 74, {"masked": _tiny("2d", 2, network={"cond_channels": 4}),
-                               "plain": _tiny("2d", 2)})
+    # the planner gives allow_missing_channels datasets 2 x C conditioning channels (images + masks)
+    pre = _prepare(paths, 74, {"masked": _tiny("2d", 2), "plain": _tiny("2d", 2, network={"cond_channels": 2})})
     _mark_missing(pre, "nnDiffPlans_2d", "case_001", 1)
     trainer = train_fold(74, "masked", "all", paths, trainer="TranslationTrainer", device="cpu", num_workers=0)
     assert trainer.layout == ConditionLayout(2, True)
