@@ -52,6 +52,9 @@ def test_train_then_continue(planned, capsys):
         assert (fold_dir / name).is_file(), name
     first = torch.load(fold_dir / "checkpoint_final.pth", weights_only=True)
     assert first["iteration"] == 2 and first["trainer_class"] == "GenerationTrainer"
+    # the command line is recorded for exported model manifests
+    assert load_json(fold_dir / "debug.json")["command"] == ["nndiff_train", "811", "tiny", "0", "--iterations",
+                                                             "2", "-device", "cpu", *roots]
 
     # --continue with a larger budget goes on from iteration 2 (not from scratch)
     assert train_entry(["811", "tiny", "0", "--epochs", "2", "--continue", "-device", "cpu", *roots]) == 0

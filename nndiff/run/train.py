@@ -105,8 +105,13 @@ def _train_body(argv: Sequence[str] | None) -> None:
     trainer = args.trainer or default_trainer(load_plans(preprocessed, args.plans))
     instance = train_fold(preprocessed.name, args.configuration, args.fold, paths, trainer=trainer,
                           plans_name=args.plans, continue_training=args.continue_training,
-                          time_limit_s=args.time_limit, **kwargs)
+                          time_limit_s=args.time_limit, command=_command_line("nndiff_train", argv), **kwargs)
     _report(instance)
+
+
+def _command_line(program: str, argv: Sequence[str] | None) -> list[str]:
+    """The command as the user typed it (for debug.json and exported model manifests)."""
+    return [program, *(sys.argv[1:] if argv is None else argv)]
 
 
 def _report(instance) -> None:
@@ -186,7 +191,8 @@ def _plan_and_train_body(argv: Sequence[str] | None) -> None:
     if args.explain:
         print(explain(load_json(location.plans_file(DEFAULT_PLANS))))
     print(f"{location.name}: planned and preprocessed {configuration}; training {trainer} fold {args.fold}")
-    instance = train_fold(location.name, configuration, args.fold, paths, trainer=trainer, **kwargs)
+    instance = train_fold(location.name, configuration, args.fold, paths, trainer=trainer,
+                          command=_command_line("nndiff_plan_and_train", argv), **kwargs)
     _report(instance)
 
 

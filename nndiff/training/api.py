@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Sequence
 
 from nndiff.errors import NnDiffError
 from nndiff.paths import Paths
@@ -59,15 +60,18 @@ def train_fold(dataset: str | int, configuration: str, fold: int | str, paths: P
                trainer: str | type[Trainer], plans_name: str = DEFAULT_PLANS, epochs: int | None = None,
                iterations: int | None = None, continue_training: bool = False, device: str = "auto",
                num_workers: int | None = None, seed: int = DEFAULT_SEED,
-               stop_after_iterations: int | None = None, time_limit_s: float | None = None) -> Trainer:
+               stop_after_iterations: int | None = None, time_limit_s: float | None = None,
+               command: Sequence[str] | None = None) -> Trainer:
     """Train one fold into ``results/DatasetXXX_Name/<Trainer>__<Plans>__<config>/fold_N`` and
-    return the trainer (its ``output_dir`` holds the checkpoints)."""
+    return the trainer (its ``output_dir`` holds the checkpoints). ``command``: the command line
+    that started the run, recorded in ``debug.json`` (model export puts it in the manifest)."""
     preprocessed_dir = find_preprocessed_dataset(paths.require("preprocessed"), dataset)
     plans = load_plans(preprocessed_dir, plans_name)
     trainer_class = get_trainer_class(trainer) if isinstance(trainer, str) else trainer
     instance = trainer_class(plans, configuration, parse_fold(fold), preprocessed_dir, paths.require("results"),
                              device=device, epochs=epochs, iterations=iterations, seed=seed,
                              num_workers=num_workers, metadata=raw_metadata(paths, preprocessed_dir.name))
+    instance.command = list(command) if command is not None else None
     instance.run_training(continue_training=continue_training, stop_after_iterations=stop_after_iterations,
                           time_limit_s=time_limit_s)
     return instance

@@ -102,6 +102,8 @@ class Trainer:
         self.plans_hash = ckpt.plans_hash(self.plans, self.configuration)
         self.device = resolve_device(device)
         self.seed = int(seed)
+        #: The command line that started this run (set by nndiff_train; None for API use).
+        self.command: list[str] | None = None
         self.num_workers = default_num_workers(self.device.type) if num_workers is None else int(num_workers)
         self.batch_size = int(self.configuration.get("batch_size", 0))
         if self.batch_size < 1:
@@ -585,6 +587,7 @@ class Trainer:
         """The settings of this run (written to ``debug.json``)."""
         return {
             "trainer_class": type(self).__name__,
+            "command": self.command,
             "dataset": self.dataset_name,
             "plans_name": self.plans_name,
             "configuration": self.configuration_name,
