@@ -113,7 +113,7 @@ def parse_header(xml: bytes | str, path: Path) -> Geometry:
 
 @dataclass
 class FastmriVolume:
-    """What the converter reads from one file (arrays loaded lazily by the caller)."""
+    """What the converter reads from one file (arrays in memory: one volume at a time)."""
 
     path: Path
     kspace: np.ndarray
@@ -151,7 +151,7 @@ def read_volume(path: Path) -> FastmriVolume:
     return FastmriVolume(path, kspace, parse_header(header, path), mask, reconstruction, attrs)
 
 
-def center_mask(width: int, center_fraction: float) -> "Any":
+def center_mask(width: int, center_fraction: float) -> Any:
     """A (W,) mask with only the ``center_fraction`` centre columns: the calibration region for coil maps."""
     import torch  # noqa: PLC0415
 

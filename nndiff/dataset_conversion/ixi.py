@@ -31,6 +31,7 @@ import numpy as np
 from nndiff.dataset.io import ImageProperties, geometry_differences, read_file
 from nndiff.dataset_conversion.common import (
     converter_parser,
+    dataset_folder_name,
     dataset_json,
     dataset_writer,
     require_input,
@@ -138,7 +139,7 @@ def convert_ixi(source: str | Path, raw_root: str | Path, dataset_id: int, sourc
                    "cases": sorted(pairs), "skipped": skipped, "target_resampled": resampled,
                    "registered": False}, folder / CONVERSION_RECORD)
     logger.info("IXI: %d case(s), %d subject(s) skipped", len(pairs), len(skipped))
-    return Path(raw_root) / f"Dataset{int(dataset_id):03d}_{name}"
+    return Path(raw_root) / dataset_folder_name(dataset_id, name)
 
 
 def _write_pairs(folder: Path, pairs: dict[str, IxiSubject], src: str,
