@@ -71,3 +71,22 @@ def test_run_converter_prints_folder_and_turns_user_errors_into_exit_code_2(tmp_
     assert run_converter(parser, convert, ["-i", str(tmp_path / "missing"), "-o", str(tmp_path / "raw"),
                                            "-d", "10"]) == 2
     assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_every_converter_has_a_checkout_script_and_an_installed_command():
+    import importlib
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    setup = (root / "setup.py").read_text()
+    modules = sorted(p.stem for p in (root / "nndiff" / "dataset_conversion").glob("*.py")
+                     if p.stem not in ("__init__", "common"))
+    assert len(modules) >= 10
+    for name in modules:
+        checkout = importlib.import_module(f"dataset_conversion.{name}")
+        package = importlib.import_module(f"nndiff.dataset_conversion.{name}")
+        assert checkout.main is package.main
+        assert re.search(rf'"nndiff_convert_{name}=nndiff\.dataset_conversion\.{name}:main"', setup), name
+        with pytest.raises(SystemExit) as info:
+            package.main(["--help"])
+        assert info.value.code == 0
