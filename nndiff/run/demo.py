@@ -82,7 +82,7 @@ class DemoSettings:
 
 FULL = DemoSettings(
     resolution_mm=1, spacing_mm=4.0, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-    attention_levels=(2,), norm_groups=8, batch_size=8, iterations=600, iterations_per_epoch=100,
+    attention_levels=(2,), norm_groups=8, batch_size=8, iterations=1500, iterations_per_epoch=100,
     initial_lr=2e-3, warmup_iterations=50, num_val_cases=8, sampler="dpm_solver_pp_2m",
     num_sampling_steps=25, num_samples=16,
 )
