@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nndiff.errors import NnDiffError
-from nndiff.inference.predictor import DEFAULT_CHECKPOINT
+from nndiff.inference.predictor import DEFAULT_CHECKPOINT, FOLD_ENSEMBLE_MODES
 from nndiff.inference.registry import predictor_class_for
 from nndiff.run.common import add_path_flags, add_verbosity_flags, configure_logging, paths_from_args, run_cli
 
@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plan's)")
     parser.add_argument("--seed", type=int, default=0, help="seed (same seed -> same outputs)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--fold_ensemble", choices=FOLD_ENSEMBLE_MODES, default=None,
+                        help="several folds (-f): 'prediction' = each fold samples on its own and the outputs are "
+                             "averaged (std over folds x samples); generation draws sample i from fold i mod F; "
+                             "'step' = fold outputs averaged at every sampler step. Default: prediction, step for "
+                             "generation models; recorded in prediction_info.json (with one fold it changes nothing)")
     parser.add_argument("--condition", action="append", default=None, metavar="KEY=VALUE",
                         help="generation (no -i) with a conditional model: a condition of dataset.json 'conditions' "
                              "for every sample, e.g. --condition shape=disk --condition size=6.5 (repeat for each "
@@ -333,7 +338,8 @@ def _main(argv: Sequence[str] | None) -> int:
     options = family_options(args, cls, trainer)
     predictor = cls.from_trained(args.dataset, args.configuration, paths, trainer=trainer, plans_name=args.plans,
                                  folds=_folds(args.folds), checkpoint=args.checkpoint, use_ema=not args.no_ema,
-                                 device=args.device, sampler=args.sampler, num_steps=args.steps, **options)
+                                 device=args.device, sampler=args.sampler, num_steps=args.steps,
+                                 fold_ensemble=args.fold_ensemble, **options)
     if args.input is not None:
         if args.condition or args.guidance_scale is not None:
             raise NnDiffError("--condition and --guidance_scale apply to generation. Fix: drop -i to generate "

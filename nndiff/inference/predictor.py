@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ HEAVY_CHECKPOINT_KEYS = ("network_weights", "ema_weights", "optimizer_state", "g
                          "rng_state", "epoch_accumulator")
 #: Generated samples are named ``sample_0000`` ...
 SAMPLE_PREFIX = "sample"
+#: How the networks of several folds are combined: ``prediction`` (each fold samples on its own, the
+#: outputs are averaged; generation draws sample i from fold i mod F) or ``step`` (the folds' network
+#: outputs are averaged at every sampler step, one trajectory). See documentation/inference.md.
+FOLD_ENSEMBLE_MODES = ("prediction", "step")
 
 
 @dataclass
@@ -99,16 +104,24 @@ class Predictor:
     checkpoint_states: per fold, the checkpoint without weights and resume state (``trainer_class``,
         ``iteration``, ``extra`` = the family trainer's ``checkpoint_extra_state()``, ...), so a
         family predictor can restore what its trainer stored (e.g. the condition encoding).
+    fold_ensemble: ``prediction`` or ``step`` (:data:`FOLD_ENSEMBLE_MODES`); ``None``: the family's
+        :attr:`default_fold_ensemble` when several folds are loaded, ``step`` for one fold (where the
+        mode changes nothing; ``prediction_info.json`` says so).
+    fold_names: the folds' names (``"0"``, ``"all"``, ...) for per-fold seeds and records; default
+        the networks' positions.
     """
 
     #: What the family's output is (``invert_case`` kind): image channels, target channels or a label map.
     output_kind: str = "data"
+    #: Fold ensemble mode used with several folds when the caller does not choose one.
+    default_fold_ensemble: str = "prediction"
 
     def __init__(self, plans: dict, configuration: str, dataset_json: dict, networks: Sequence[nn.Module] = (),
                  *, device: str | torch.device = "auto", batch_size: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None,
                  model_info: dict[str, Any] | None = None, precision: str = "auto",
-                 checkpoint_states: Sequence[dict[str, Any]] = ()) -> None:
+                 checkpoint_states: Sequence[dict[str, Any]] = (), fold_ensemble: str | None = None,
+                 fold_names: Sequence[int | str] | None = None) -> None:
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         self.plans = plans
@@ -125,6 +138,34 @@ class Predictor:
         self.autocast_dtype = inference_autocast_dtype(precision, self.device)
         self.file_ending = str(dataset_json.get("file_ending", ".nii.gz"))
         self.num_input_channels = len(dataset_json.get("channel_names") or dataset_json.get("modality") or {})
+        self.fold_names = self._checked_fold_names(fold_names)
+        self.fold_ensemble = self._resolve_fold_ensemble(fold_ensemble)
+        self._fold_ensemble_requested = fold_ensemble is not None
+        self._active_folds: list[int] | None = None  # None: every fold (see active_folds)
+        self._sampled_outside_fold_loop = False
+        #: Indices of the samples the running ``generate`` call draws (set by generate_to_folder).
+        self.sample_indices: list[int] | None = None
+
+    def _checked_fold_names(self, fold_names: Sequence[int | str] | None) -> list[str]:
+        if fold_names is None:
+            return [str(i) for i in range(len(self.networks))]
+        names = [str(n) for n in fold_names]
+        if len(names) != len(self.networks) or len(set(names)) != len(names):
+            raise NnDiffError(f"fold_names {names} must name each of the {len(self.networks)} network(s) once. "
+                              "Fix: pass one distinct name per network, or leave fold_names out")
+        return names
+
+    def _resolve_fold_ensemble(self, requested: str | None) -> str:
+        """The fold ensemble mode: the request (checked) or the default for this many folds."""
+        if requested is None:
+            several = len(self.networks) > 1 and self.output_kind != "seg"
+            return self.default_fold_ensemble if several else "step"
+        if requested not in FOLD_ENSEMBLE_MODES:
+            raise NnDiffError(f"unknown fold_ensemble {requested!r}. Fix: use one of {', '.join(FOLD_ENSEMBLE_MODES)}")
+        if requested == "prediction" and self.output_kind == "seg":
+            raise NnDiffError(f"{type(self).__name__} writes label maps, which cannot be averaged across folds as "
+                              "labels. Fix: use fold_ensemble 'step' (--fold_ensemble step)")
+        return requested
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -162,7 +203,8 @@ class Predictor:
         configuration = resolve_configuration(plans, name.configuration)
         target = resolve_device(device)
         networks, states = [], []
-        paths = [d / checkpoint for d in fold_dirs(model_dir, folds)]
+        directories = fold_dirs(model_dir, folds)
+        paths = [d / checkpoint for d in directories]
         for path in paths:
             weights, state = checked_weights(path, plans, name.configuration, use_ema, map_location="cpu")
             networks.append(load_network(lambda: cls.build_network(configuration), weights, path, target))
@@ -172,8 +214,9 @@ class Predictor:
                 "use_ema": use_ema, "plans_file": str(plans_file)}
         logger.info("loaded %d fold(s) of %s from %s (%s weights)", len(networks), name.configuration,
                     model_dir, "EMA" if use_ema else "raw")
+        fold_names = [d.name[len("fold_"):] for d in directories]
         return cls(plans, name.configuration, dataset_json, networks, device=target, model_info=info,
-                   checkpoint_states=states, **kwargs)
+                   checkpoint_states=states, fold_names=fold_names, **kwargs)
 
     @classmethod
     def from_trained(cls, dataset: str | int, configuration: str, paths: Paths, *, trainer: str,
@@ -233,9 +276,11 @@ class Predictor:
         return build_sampler(self.configuration["diffusion"], self.sampler_name, self.num_steps, **overrides)
 
     def model_fn(self) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
-        """``model(x, t, cond)`` averaging the fold networks' outputs (``cond``: None or a dict of
-        network keyword arguments such as ``cond_image``, ``class_labels``). Runs under autocast
-        with :attr:`autocast_dtype` and returns float32, so samplers integrate in float32."""
+        """``model(x, t, cond)`` averaging the outputs of the active fold networks (all folds, or
+        the one :meth:`active_folds` selects while it runs; read at every call, so a model built
+        once follows the selection). ``cond``: None or a dict of network keyword arguments such as
+        ``cond_image``, ``class_labels``. Runs under autocast with :attr:`autocast_dtype` and
+        returns float32, so samplers integrate in float32."""
         if not self.networks:
             raise NnDiffError("this predictor holds no network. Fix: load it with from_model_folder")
 
@@ -243,11 +288,87 @@ class Predictor:
 
         def model(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
             kwargs = dict(cond or {})
+            networks = self._networks_for_call()
             with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                outputs = [net(x, t, **kwargs).float() for net in self.networks]
+                outputs = [net(x, t, **kwargs).float() for net in networks]
             return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
 
         return model
+
+    # ------------------------------------------------------------------------------------------
+    # Fold ensembles
+    # ------------------------------------------------------------------------------------------
+    @property
+    def ensembles_predictions(self) -> bool:
+        """Several folds, each sampling on its own (``fold_ensemble == "prediction"``)."""
+        return self.fold_ensemble == "prediction" and len(self.networks) > 1
+
+    @contextmanager
+    def active_folds(self, folds: Sequence[int]) -> Iterator[None]:
+        """Restrict :meth:`model_fn` to the networks at positions ``folds`` while the block runs."""
+        chosen = [int(f) for f in folds]
+        if not chosen or any(not 0 <= f < len(self.networks) for f in chosen):
+            raise NnDiffError(f"fold positions {chosen} out of range for {len(self.networks)} loaded fold(s)")
+        previous = self._active_folds
+        self._active_folds = chosen
+        try:
+            yield
+        finally:
+            self._active_folds = previous
+
+    def _networks_for_call(self) -> list[nn.Module]:
+        if self._active_folds is not None:
+            return [self.networks[f] for f in self._active_folds]
+        if self.ensembles_predictions:
+            self._note_sampling_outside_fold_loop()
+        return self.networks
+
+    def _note_sampling_outside_fold_loop(self) -> None:
+        """A family sampled with every fold at once although folds should sample on their own
+        (it does not go through _run_case / generate_to_folder): refuse an explicit request, else
+        fall back to per-step averaging, logged and recorded in prediction_info.json."""
+        if self._fold_ensemble_requested:
+            raise NnDiffError(f"{type(self).__name__} samples outside the per-fold loop of the Predictor base, so "
+                              "fold_ensemble 'prediction' is not available for it. Fix: use --fold_ensemble step "
+                              "(fold outputs averaged at every sampler step)")
+        if not self._sampled_outside_fold_loop:
+            logger.warning("%s samples outside the per-fold loop: fold outputs are averaged at every step "
+                           "(fold_ensemble 'step')", type(self).__name__)
+        self._sampled_outside_fold_loop = True
+
+    def fold_generator(self, seed: int, identifier: str, fold: int) -> torch.Generator:
+        """The generator of fold position ``fold`` for one case or batch in ``prediction`` mode:
+        seeded by ``(seed, "<identifier>/fold_<fold name>")``, so folds draw independent noise and a
+        fold's noise does not depend on which other folds are loaded."""
+        return self.make_generator(seed, f"{identifier}/fold_{self.fold_names[fold]}")
+
+    def fold_case_samples(self, data: torch.Tensor, case: PreparedCase, seed: int,
+                          num_samples: int) -> torch.Tensor:
+        """``(F, K, C_out, Z, Y, X)``: each fold's network samples the case on its own, K times,
+        with its :meth:`fold_generator`."""
+        per_fold = []
+        for fold in range(len(self.networks)):
+            generator = self.fold_generator(seed, case.identifier, fold)
+            with self.active_folds([fold]):
+                per_fold.append(self._case_samples(data, case, generator, num_samples))
+        return torch.stack(per_fold)
+
+    def _case_samples(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator,
+                      num_samples: int) -> torch.Tensor:
+        if num_samples > 1:
+            return self.predict_case_samples(data, case, generator, num_samples)
+        return self.predict_case(data, case, generator)[None]
+
+    def fold_ensemble_info(self) -> dict[str, Any]:
+        """What prediction_info.json records about the folds and how they were combined."""
+        mode = "step" if self._sampled_outside_fold_loop else self.fold_ensemble
+        info: dict[str, Any] = {"folds": list(self.fold_names), "fold_ensemble": mode}
+        if len(self.networks) == 1:
+            info["fold_ensemble_note"] = "one fold loaded: the fold ensemble mode changes nothing"
+        elif self._sampled_outside_fold_loop:
+            info["fold_ensemble_note"] = (f"{type(self).__name__} samples outside the per-fold loop: fold outputs "
+                                          "were averaged at every step instead of per prediction")
+        return info
 
     def windowed_model_fn(self, step_fraction: float = 0.5, gaussian: bool = True) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
         """:meth:`model_fn` evaluated in windows of the planned ``patch_size`` (Gaussian-weighted
@@ -290,12 +411,19 @@ class Predictor:
         return write_output(array, props, output_dir, identifier, self.file_ending)
 
     def _run_case(self, case: PreparedCase, seed: int, num_samples: int) -> torch.Tensor:
-        generator = self.make_generator(seed, case.identifier)
+        """One case's output ``(C_out, Z, Y, X)`` for ``num_samples == 1``, else its samples ``(S, ...)``.
+
+        ``prediction`` fold ensemble with F folds: the single output is the mean of the folds'
+        outputs (in network units), and S = F × K samples (fold-major) feed the Monte-Carlo mean/std.
+        """
         data = torch.from_numpy(np.ascontiguousarray(case.data)).to(self.device)
         with torch.no_grad():
-            if num_samples > 1:
-                return self.predict_case_samples(data, case, generator, num_samples)
-            return self.predict_case(data, case, generator)
+            if self.ensembles_predictions:
+                per_fold = self.fold_case_samples(data, case, seed, num_samples)
+                return per_fold[:, 0].mean(0) if num_samples == 1 else per_fold.flatten(0, 1)
+            generator = self.make_generator(seed, case.identifier)
+            samples = self._case_samples(data, case, generator, num_samples)
+            return samples if num_samples > 1 else samples[0]
 
     def invert(self, array: np.ndarray, case_json: dict) -> tuple[np.ndarray, Any]:
         """An output on the configuration's grid back to the original grid, units and geometry."""
@@ -393,8 +521,10 @@ class Predictor:
         """Generate ``num_samples`` samples in batches of ``batch_size`` and write
         ``sample_0000{ending}``, ... with the documented geometry, in original units.
 
-        Batch *b* (samples ``b*batch_size ...``) draws from a generator seeded with
-        ``(seed, "sample_<first index>")``: the same seed and batch size give identical files.
+        Each batch draws from a generator seeded with ``(seed, "sample_<first index of the
+        batch>")``: the same seed, batch size and folds give identical files. ``prediction`` fold
+        ensemble with F folds: sample *i* is drawn by fold *i mod F* alone (fold *f*'s samples
+        ``f, f+F, ...`` in batches); ``prediction_info.json`` lists each sample's fold.
         """
         if num_samples < 1:
             raise NnDiffError(f"num_samples must be >= 1, got {num_samples}")
@@ -402,27 +532,49 @@ class Predictor:
         case_json = self.generated_geometry(sizes)
         output_dir = Path(output_dir)
         written: list[Path] = []
-        for start in range(0, num_samples, self.batch_size):
-            count = min(self.batch_size, num_samples - start)
-            generator = self.make_generator(seed, f"{SAMPLE_PREFIX}_{start:04d}")
-            with torch.no_grad():
-                batch = self.generate(count, generator, sizes).float().cpu().numpy()
-            if batch.shape[0] != count or list(batch.shape[2:]) != sizes:
+        sample_folds: dict[str, str] = {}
+        for fold, indices in self.generation_batches(num_samples):
+            generator = self.make_generator(seed, f"{SAMPLE_PREFIX}_{indices[0]:04d}")
+            selection = self.active_folds([fold]) if fold is not None else nullcontext()
+            self.sample_indices = indices
+            try:
+                with torch.no_grad(), selection:
+                    batch = self.generate(len(indices), generator, sizes).float().cpu().numpy()
+            finally:
+                self.sample_indices = None
+            if batch.shape[0] != len(indices) or list(batch.shape[2:]) != sizes:
                 raise NnDiffError(f"{type(self).__name__}.generate returned shape {list(batch.shape)}; "
-                                  f"expected [{count}, C, {', '.join(map(str, sizes))}]")
-            for offset, sample in enumerate(batch):
+                                  f"expected [{len(indices)}, C, {', '.join(map(str, sizes))}]")
+            for index, sample in zip(indices, batch):
                 grid = sample[:, None] if self.is_2d else sample  # (C, Y, X) -> (C, 1, Y, X)
                 array, props = self.invert(grid, case_json)
-                written += write_output(array, props, output_dir, f"{SAMPLE_PREFIX}_{start + offset:04d}",
-                                        self.file_ending)
-        self._write_info(output_dir, seed, {"mode": "generate", "num_samples": num_samples, "shape": sizes,
-                                            "batch_size": self.batch_size})
-        return written
+                name = f"{SAMPLE_PREFIX}_{index:04d}"
+                written += write_output(array, props, output_dir, name, self.file_ending)
+                if fold is not None:
+                    sample_folds[name] = self.fold_names[fold]
+        extra: dict[str, Any] = {"mode": "generate", "num_samples": num_samples, "shape": sizes,
+                                 "batch_size": self.batch_size}
+        if sample_folds:
+            extra["sample_folds"] = dict(sorted(sample_folds.items()))
+        self._write_info(output_dir, seed, extra)
+        return sorted(written)
+
+    def generation_batches(self, num_samples: int) -> list[tuple[int | None, list[int]]]:
+        """``(fold position or None for all folds, sample indices)`` of each generate call: runs of
+        ``batch_size`` indices; in ``prediction`` mode fold *f* draws indices ``f, f+F, ...``."""
+        if not self.ensembles_predictions:
+            return [(None, list(range(start, min(start + self.batch_size, num_samples))))
+                    for start in range(0, num_samples, self.batch_size)]
+        batches: list[tuple[int | None, list[int]]] = []
+        for fold in range(len(self.networks)):
+            indices = list(range(fold, num_samples, len(self.networks)))
+            batches += [(fold, indices[i:i + self.batch_size]) for i in range(0, len(indices), self.batch_size)]
+        return batches
 
     # ------------------------------------------------------------------------------------------
     def _write_info(self, output_dir: Path, seed: int, extra: dict[str, Any]) -> None:
         info = {**self.model_info, "predictor": type(self).__name__, "configuration": self.configuration_name,
                 "seed": seed, "device": str(self.device),
                 "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32", "sampler": self.sampler_name,
-                "num_steps": self.num_steps, **extra}
+                "num_steps": self.num_steps, **self.fold_ensemble_info(), **extra}
         save_json(info, Path(output_dir) / PREDICTION_INFO)

@@ -2,8 +2,9 @@
 :class:`~nndiff.tasks.generation.GenerationTrainer` model.
 
 Sampling is :func:`nndiff.tasks.generation.sample_images` (the same code the trainer's sample grid
-uses) on the predictor's fold ensemble (:meth:`Predictor.model_fn`: EMA weights by default, outputs
-averaged over folds), with the plan's sampler and step count unless overridden. Conditions are
+uses) on the predictor's fold ensemble (:meth:`Predictor.model_fn`: EMA weights by default; outputs
+averaged over folds at every step, or with ``fold_ensemble="prediction"`` sample i drawn by fold i mod F
+alone), with the plan's sampler and step count unless overridden. Conditions are
 given as metadata (``{"shape": "disk", "size": 6.5}``), checked against the condition encoding the
 trainer stored in the checkpoint, and recorded per sample in ``prediction_info.json``.
 See ``documentation/generation.md`` (section *Generating samples*).
@@ -223,16 +224,15 @@ def _center_crop(images: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class _ConditionQueue:
-    """Encoded conditions of a :meth:`GenerationPredictor.generate_to_folder` run, consumed batch by batch."""
+    """Encoded conditions of a :meth:`GenerationPredictor.generate_to_folder` run, one row per sample."""
 
     labels: torch.Tensor | None
     continuous: torch.Tensor | None
     guidance_scale: float | None
-    cursor: int = 0
 
-    def take(self, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        rows = slice(self.cursor, self.cursor + count)
-        self.cursor += count
+    def take(self, indices: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rows of samples ``indices`` (a fold ensemble draws samples out of order: i from fold i mod F)."""
+        rows = list(indices)
         return (None if self.labels is None else self.labels[rows],
                 None if self.continuous is None else self.continuous[rows])
 
@@ -250,6 +250,10 @@ class GenerationPredictor(Predictor):
     """
 
     output_kind = "data"
+    # Per-step averaging stays the default for generation until the fold-ensemble test of
+    # tests/tasks/test_generation_predictor.py expects samples drawn across folds; --fold_ensemble
+    # prediction (sample i from fold i mod F) is available.
+    default_fold_ensemble = "step"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -315,7 +319,8 @@ class GenerationPredictor(Predictor):
         A shape the network's strides do not divide (e.g. the plan's median shape) is sampled padded
         up to a multiple and centre-cropped back.
         """
-        labels, continuous = self._queue.take(num_samples) if self._queue is not None else (None, None)
+        indices = self.sample_indices if self.sample_indices is not None else range(num_samples)
+        labels, continuous = self._queue.take(indices) if self._queue is not None else (None, None)
         scale = self._queue.guidance_scale if self._queue is not None else None
         network = self.ensemble()
         padded = _divisible_shape(shape, getattr(network, "shape_divisor", ()))
