@@ -214,3 +214,44 @@ def test_cli_flag_reaches_the_predictor_and_bad_values_exit_2(setup, tmp_path, c
         _cli(setup, tmp_path / "bad", "--fold_ensemble", "average")
     assert exit_info.value.code == 2
     assert "invalid choice: 'average'" in capsys.readouterr().err
+
+
+class Recorder(torch.nn.Module):
+    """A fold network of a conditional generation model: returns zeros, records the labels it sees."""
+
+    shape_divisor = (2, 2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: list[list[int]] = []
+
+    def forward(self, x, t, class_labels=None, continuous=None):
+        self.labels.append(class_labels.tolist())
+        return torch.zeros_like(x)
+
+
+def test_conditional_generation_gives_each_fold_its_samples_conditions(tmp_path):
+    from nndiff.dataset.examples import make_example_dataset
+    from nndiff.paths import Paths
+    from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step
+    from nndiff.tasks.generation import ConditionEncoder
+    from nndiff.tasks.generation_predictor import GenerationPredictor
+
+    paths = Paths(raw=tmp_path / "raw", preprocessed=tmp_path / "pre", results=tmp_path / "res")
+    raw = make_example_dataset("conditional_2d", paths.raw, 814)
+    location = locate_dataset(814, paths)
+    extract_fingerprint_step(location)
+    plans = plan_step(location)
+    encoder = ConditionEncoder([("shape", ["disk", "square"])], [("size", 6.0, 1.0)])
+    state = {"trainer_class": "GenerationTrainer", "extra": {"conditions": encoder.to_dict()}}
+    folds = [Recorder(), Recorder()]
+    predictor = GenerationPredictor(plans, "2d", load_json(raw / "dataset.json"), folds, device="cpu", num_steps=1,
+                                    batch_size=2, checkpoint_states=[state, state], fold_ensemble="prediction")
+    rows = [{"shape": shape, "size": 6} for shape in ("disk", "square", "square", "disk", "square")]
+    predictor.generate_to_folder(tmp_path / "out", 5, conditions=rows, guidance_scale=1)
+    # fold 0 draws samples (0, 2) then (4,); fold 1 draws (1, 3): each sees its own samples' labels
+    assert folds[0].labels == [[0, 1], [1]]
+    assert folds[1].labels == [[1, 0]]
+    info = load_json(tmp_path / "out" / "prediction_info.json")
+    assert info["sample_folds"] == {f"sample_{i:04d}": str(i % 2) for i in range(5)}
+    assert info["conditions"]["sample_0003"] == {"shape": "disk", "size": 6.0}
