@@ -250,10 +250,6 @@ class GenerationPredictor(Predictor):
     """
 
     output_kind = "data"
-    # Per-step averaging stays the default for generation until the fold-ensemble test of
-    # tests/tasks/test_generation_predictor.py expects samples drawn across folds; --fold_ensemble
-    # prediction (sample i from fold i mod F) is available.
-    default_fold_ensemble = "step"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

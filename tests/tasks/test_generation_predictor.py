@@ -226,15 +226,18 @@ def _state(size_mean: float, size_std: float) -> dict:
     return {"trainer_class": TRAINER, "extra": {"conditions": encoder.to_dict()}}
 
 
-def _conditional_predictor(conditional_plans, networks, states) -> GenerationPredictor:
+def _conditional_predictor(conditional_plans, networks, states, **kwargs) -> GenerationPredictor:
     plans, dataset_json = conditional_plans
     return GenerationPredictor(plans, "2d", dataset_json, networks, device="cpu", num_steps=2, batch_size=2,
-                               checkpoint_states=states)
+                               checkpoint_states=states, **kwargs)
 
 
 def test_fold_ensemble_averages_and_restandardises_metadata(conditional_plans, tmp_path):
     folds = [Recorder(0.2), Recorder(0.6)]
-    predictor = _conditional_predictor(conditional_plans, folds, [_state(6.0, 1.0), _state(5.0, 2.0)])
+    # per-step averaging of the folds (the default, "prediction", draws samples across folds:
+    # tests/inference/test_fold_ensemble.py)
+    predictor = _conditional_predictor(conditional_plans, folds, [_state(6.0, 1.0), _state(5.0, 2.0)],
+                                       fold_ensemble="step")
     x, t = torch.zeros(2, 1, 4, 4), torch.full((2,), 10.0)
     z0 = torch.tensor([[1.0], [math.nan]])  # size 7 for fold 0's statistics; NaN = null
     out = predictor.ensemble()(x, t, class_labels=torch.tensor([1, NULL_LABEL]), continuous=z0)
