@@ -55,7 +55,7 @@ def _run(argv, capsys):
 
 
 def _ledger(out):
-    return json.loads((out / LEDGER_FILE).read_text())["stages"]
+    return json.loads((out / LEDGER_FILE).read_text(encoding="utf-8"))["stages"]
 
 
 def _checkpoints(tmp):
@@ -86,7 +86,7 @@ def test_partial_run_then_resume_skips_finished_stages(setup, capsys):
     assert not stray.exists()
     assert sorted(p.name for p in stray.parent.glob("sample_*.png")) == [f"sample_{i:04d}.png" for i in range(3)]
 
-    results = json.loads((s["out"] / RESULTS_JSON).read_text())
+    results = json.loads((s["out"] / RESULTS_JSON).read_text(encoding="utf-8"))
     rows = {r["dataset"]: r for r in results["rows"]}
     gen, trans = rows["Dataset861_Grey2D"], rows["Dataset862_MRtoCT3D"]
     assert (gen["family"], trans["family"]) == ("generation", "translation")
@@ -94,7 +94,7 @@ def test_partial_run_then_resume_skips_finished_stages(setup, capsys):
     assert trans["metrics"]["mae"] > 0 and trans["num_cases"] == 2 and trans["baseline_name"] is None
     for row in rows.values():
         assert row["train_device_hours"] > 0 and row["seconds_per_case"] > 0 and row["device"] == "cpu"
-    table = (s["out"] / RESULTS_MD).read_text()
+    table = (s["out"] / RESULTS_MD).read_text(encoding="utf-8")
     assert "Dataset861_Grey2D | generation | tiny" in table and "Dataset862_MRtoCT3D | translation" in table
     assert "device-hours" in out
 
@@ -102,7 +102,7 @@ def test_partial_run_then_resume_skips_finished_stages(setup, capsys):
     before = _ledger(s["out"])
     _run(s["argv"], capsys)
     assert _ledger(s["out"]) == before
-    assert json.loads((s["out"] / RESULTS_JSON).read_text()) == results
+    assert json.loads((s["out"] / RESULTS_JSON).read_text(encoding="utf-8")) == results
 
 
 def test_interrupted_training_is_continued(setup, capsys):
@@ -117,7 +117,7 @@ def test_interrupted_training_is_continued(setup, capsys):
     fold = next((s["tmp"] / "results").rglob("fold_0"))
     # Simulate a kill after iteration 1 of 2: the ledger lacks the stage, only checkpoint_latest exists.
     ledger_file = s["out"] / LEDGER_FILE
-    data = json.loads(ledger_file.read_text())
+    data = json.loads(ledger_file.read_text(encoding="utf-8"))
     del data["stages"]["Dataset861_Grey2D/tiny/train/fold_0"]
     ledger_file.write_text(json.dumps(data))
     shutil.rmtree(fold)
@@ -126,7 +126,7 @@ def test_interrupted_training_is_continued(setup, capsys):
                stop_after_iterations=1)
     assert (fold / ckpt.LATEST).is_file() and not (fold / ckpt.FINAL).is_file()
     _run(argv + ["--stop_after", "train"], capsys)
-    entry = json.loads(ledger_file.read_text())["stages"]["Dataset861_Grey2D/tiny/train/fold_0"]
+    entry = json.loads(ledger_file.read_text(encoding="utf-8"))["stages"]["Dataset861_Grey2D/tiny/train/fold_0"]
     assert entry["resumed"] is True and entry["iterations"] == 2
     assert (fold / ckpt.FINAL).is_file()
 

@@ -198,7 +198,7 @@ def test_prepare_output_replaces_only_the_demos_folders(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     prepare_output(tmp_path)
     assert not (tmp_path / "samples").exists() and not (tmp_path / SUMMARY_FILE).exists()
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_comparison_table_layout():
@@ -222,6 +222,6 @@ def test_comparison_table_layout():
 
 def test_summary_is_plain_json(smoke_run):
     output, _ = smoke_run
-    text = (output / SUMMARY_FILE).read_text()
+    text = (output / SUMMARY_FILE).read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     json.loads(text)

@@ -95,7 +95,7 @@ def test_instructions_parse_and_run(trained, tmp_path, capsys):
     _set_val_losses(trained, "tiny_b", [0.7, 0.8])
     assert find_best_entry(["-d", "831", "--criterion", "best", *_roots(trained)[2:]]) == 0
     out = capsys.readouterr().out
-    text = (trained / "res" / DATASET / INSTRUCTIONS_FILE).read_text()
+    text = (trained / "res" / DATASET / INSTRUCTIONS_FILE).read_text(encoding="utf-8")
     assert out == text and "GenerationTrainer__nnDiffPlans__tiny_a" in text.splitlines()[0]
     assert load_json(trained / "res" / DATASET / RESULT_FILE)["best"]["configuration"] == "tiny_a"
     commands = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("nndiff_")]

@@ -9,5 +9,5 @@ def test_data_side_modules_do_not_import_torch():
         "nndiff.diffusion.options, nndiff.pipeline; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0, result.stderr

@@ -28,8 +28,8 @@ def _run_all(tmp_path: Path, kind: str, dataset_id: int, *extra: str) -> tuple[P
     code = plan_and_preprocess_entry(["-d", str(dataset_id), *_roots(tmp_path), *extra])
     assert code == 0
     pre = tmp_path / "pre" / folder.name
-    plans = json.loads((pre / "nnDiffPlans.json").read_text())
-    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())
+    plans = json.loads((pre / "nnDiffPlans.json").read_text(encoding="utf-8"))
+    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     return pre, plans, fingerprint
 
 
@@ -108,8 +108,8 @@ def test_clip_fraction_recorded_in_plan(planned):
 def test_metadata_copied_for_training_without_raw_root(planned):
     """The Trainer reads metadata.json from the preprocessed folder (grouped splits by subject)."""
     pre = planned["2d_grey_png"][0]
-    copied = json.loads((pre / "metadata.json").read_text())
-    raw = json.loads((pre.parents[1] / "raw" / pre.name / "metadata.json").read_text())
+    copied = json.loads((pre / "metadata.json").read_text(encoding="utf-8"))
+    raw = json.loads((pre.parents[1] / "raw" / pre.name / "metadata.json").read_text(encoding="utf-8"))
     assert copied == raw and all("subject" in v for v in copied.values())
 
 
@@ -133,12 +133,12 @@ def test_separate_steps_and_inherited_configuration(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "patch_size" in out
     plans_file = tmp_path / "pre" / folder.name / "nnDiffPlans.json"
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     plans["configurations"]["2d_small"] = {"inherits_from": "2d", "batch_size": 2}
     plans_file.write_text(json.dumps(plans))
     # re-planning keeps the user's configuration; preprocessing it works
     assert plan_experiment_entry(args) == 0
-    assert "2d_small" in json.loads(plans_file.read_text())["configurations"]
+    assert "2d_small" in json.loads(plans_file.read_text(encoding="utf-8"))["configurations"]
     assert preprocess_entry([*args, "-c", "2d_small"]) == 0
 
 
@@ -172,7 +172,7 @@ def test_corrupt_dataset_writes_nothing(tmp_path, capsys):
 
 def test_bad_dataset_json_writes_nothing(tmp_path, capsys):
     folder = make_example_dataset("2d_grey_png", tmp_path / "raw", 14, num_cases=3, seed=0)
-    spec = json.loads((folder / "dataset.json").read_text())
+    spec = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     spec["task"] = "painting"
     (folder / "dataset.json").write_text(json.dumps(spec))
     assert plan_and_preprocess_entry(["-d", "14", *_roots(tmp_path)]) == 2
@@ -189,7 +189,7 @@ def test_preprocessed_round_trip_through_cli_outputs(planned):
     pre, plans, _ = planned["3d_mr"]
     config = plans["configurations"]["3d_fullres"]
     case_npz = sorted((pre / config["data_identifier"]).glob("*.npz"))[0]
-    case_json = json.loads(case_npz.with_suffix(".json").read_text())
+    case_json = json.loads(case_npz.with_suffix(".json").read_text(encoding="utf-8"))
     data = np.load(case_npz)["data"]
     restored, props = invert_case(data, case_json, plans, "3d_fullres", kind="data")
     raw_folder = pre.parents[1] / "raw" / pre.name / "imagesTr"
@@ -207,7 +207,7 @@ def test_preprocessed_round_trip_through_cli_outputs(planned):
                 "nndiff_preprocess", "nndiff_demo"],
 )
 def test_console_script_help(command):
-    result = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([command, "--help"], capture_output=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0, result.stderr
     assert command in result.stdout
 
@@ -216,7 +216,7 @@ def test_console_script_runs_end_to_end(tmp_path):
     make_example_dataset("2d_grey_png", tmp_path / "raw", 15, num_cases=3, seed=0)
     result = subprocess.run(
         ["nndiff_plan_and_preprocess", "-d", "15", *_roots(tmp_path), "-np", "1", "--explain"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, encoding="utf-8", timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "Dataset015" in result.stdout
@@ -231,14 +231,14 @@ def _drop_a_channel(folder: Path) -> str:
 
 
 def _wrong_num_training(folder: Path) -> str:
-    spec = json.loads((folder / "dataset.json").read_text())
+    spec = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     spec["numTraining"] = 99
     (folder / "dataset.json").write_text(json.dumps(spec))
     return "numTraining"
 
 
 def _undeclared_label(folder: Path) -> str:
-    spec = json.loads((folder / "dataset.json").read_text())
+    spec = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     del spec["labels"]["b"]  # label value 2 still occurs in the maps
     (folder / "dataset.json").write_text(json.dumps(spec))
     return "labelsTr"
@@ -250,7 +250,7 @@ def _stray_ending(folder: Path) -> str:
 
 
 def _bad_acceleration(folder: Path) -> str:
-    spec = json.loads((folder / "dataset.json").read_text())
+    spec = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     spec["reconstruction"]["acceleration"] = 0.5
     (folder / "dataset.json").write_text(json.dumps(spec))
     return "acceleration"

@@ -30,7 +30,7 @@ def _run(argv, capsys):
 
 
 def _manifest(out):
-    return json.loads((out / MANIFEST).read_text())
+    return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
 
 
 def test_fastmri_h5_reconstruction_center_cropped(tmp_path, capsys, rng):

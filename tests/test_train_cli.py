@@ -60,7 +60,7 @@ def test_train_then_continue(planned, capsys):
     assert train_entry(["811", "tiny", "0", "--epochs", "2", "--continue", "-device", "cpu", *roots]) == 0
     out = capsys.readouterr().out
     assert "finished at iteration 4 of 4" in out
-    log = "".join(p.read_text() for p in fold_dir.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in fold_dir.glob("training_log_*.txt"))
     assert "continuing from" in log
     assert torch.load(fold_dir / "checkpoint_final.pth", weights_only=True)["iteration"] == 4
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from nndiff.utils.process_locale import preserves_locale
 from nndiff.dataset_conversion.common import (
     converter_parser,
     dataset_folder_name,
@@ -101,6 +102,7 @@ def check_slice_spacing(reader: Any, image: Any, folder: Path) -> None:
                           "acquisitions. Fix: restore the missing files or split the series")
 
 
+@preserves_locale  # GDCM may switch the C locale (nndiff/utils/process_locale.py)
 def read_series(folder: Path, uid: str) -> Series:
     """Read one series of ``folder`` with its tags; slice spacing checked."""
     sitk = _sitk()
@@ -122,6 +124,7 @@ def read_series(folder: Path, uid: str) -> Series:
                   _tag(reader, TAG_SERIES_DESCRIPTION), image)
 
 
+@preserves_locale  # GDCM may switch the C locale (nndiff/utils/process_locale.py)
 def _series_ids(folder: Path) -> list[str]:
     """SeriesInstanceUIDs in ``folder`` (not below); ITK's "No Series were found" warning silenced."""
     sitk = _sitk()

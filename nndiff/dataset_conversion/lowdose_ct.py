@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from nndiff.utils.process_locale import preserves_locale
 from nndiff.dataset.io import ImageProperties, geometry_differences
 from nndiff.dataset_conversion.common import (
     converter_parser,
@@ -71,6 +72,7 @@ def pick_thickness(patients: dict[str, dict[tuple[str, str], Path]], thickness: 
     return available[0]
 
 
+@preserves_locale  # GDCM may switch the C locale (nndiff/utils/process_locale.py)
 def read_dicom_series(folder: Path) -> tuple[np.ndarray, ImageProperties]:
     """The one DICOM series in ``folder`` as a (Z, Y, X) array in HU (rescale applied by GDCM) + geometry."""
     import SimpleITK as sitk  # noqa: PLC0415  (lazy, as nndiff.dataset.io)

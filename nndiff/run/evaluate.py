@@ -237,7 +237,7 @@ def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
     configure_logging(args)
     dataset_json, fingerprint = _dataset_files(args)
     output = args.output if args.output is not None else args.prediction / SUMMARY_FILE
-    task = json.loads(dataset_json.read_text()).get("task") if dataset_json.is_file() else None
+    task = json.loads(dataset_json.read_text(encoding="utf-8")).get("task") if dataset_json.is_file() else None
     if task == "translation":
         _evaluate_translation(args, dataset_json, output)
         return

@@ -11,12 +11,14 @@ from nndiff.dataset import load_dataset, read_images, verify_integrity
 from nndiff.dataset_conversion import dicom
 from nndiff.errors import NnDiffError
 from nndiff.run.plan_and_preprocess import plan_and_preprocess_entry
+from nndiff.utils.process_locale import preserves_locale
 
 SHAPE = (8, 12, 10)  # (Z, Y, X)
 SPACING = (0.8, 0.7, 2.5)  # SimpleITK order x, y, z
 ORIGIN = (-40.0, 12.5, 100.0)
 
 
+@preserves_locale  # GDCM's writer switches the C locale for the whole test worker
 def write_series(folder: Path, patient: str, modality: str, uid: str, number: int, seed: int,
                  skip_slice: int | None = None) -> np.ndarray:
     """One series, one file per slice, with the tags a scanner writes (positions, orientation, ids)."""
@@ -78,7 +80,7 @@ def test_series_become_cases_with_geometry_subjects_and_channel_name(source, tmp
         assert props.direction == pytest.approx(tuple(np.eye(3).ravel()))
     roots = ["--raw", str(tmp_path / "raw"), "--preprocessed", str(tmp_path / "pre"), "-q"]
     assert plan_and_preprocess_entry(["-d", "51", "-c", "3d_fullres", *roots]) == 0
-    plans = (tmp_path / "pre" / folder.name / "nnDiffPlans.json").read_text()
+    plans = (tmp_path / "pre" / folder.name / "nnDiffPlans.json").read_text(encoding="utf-8")
     assert "ct_window" in plans  # the Modality tag drove CT normalisation
 
 

@@ -12,8 +12,10 @@ from nndiff.dataset_conversion import lowdose_ct
 from nndiff.errors import NnDiffError
 from nndiff.run.plan_and_preprocess import plan_and_preprocess_entry
 from nndiff.utils.files import load_json
+from nndiff.utils.process_locale import preserves_locale
 
 
+@preserves_locale  # GDCM's writer switches the C locale for the whole test worker
 def _series(folder: Path, hu: np.ndarray, prefix: str, uid: str, spacing=(0.7, 0.7), z_step=3.0,
             origin=(-170.0, -160.0)) -> None:
     """A DICOM series as the Mayo .IMA files: int16 pixels stored as HU + 1024 with RescaleIntercept -1024."""

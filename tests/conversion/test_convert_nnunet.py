@@ -84,7 +84,7 @@ def test_listing_form_is_resolved_into_the_standard_folders(tmp_path):
     source = make_nnunet_dataset(tmp_path / "src")
     (source / "imagesTr").rename(source / "images")
     (source / "labelsTr").rename(source / "labels")
-    meta = json.loads((source / "dataset.json").read_text())
+    meta = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
     meta["dataset"] = {case: {"images": [f"images/{case}_0000.nii.gz", f"images/{case}_0001.nii.gz"],
                               "label": f"labels/{case}.nii.gz"} for case in CASES}
     (source / "dataset.json").write_text(json.dumps(meta))

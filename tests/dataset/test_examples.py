@@ -19,7 +19,7 @@ def test_example_layout_and_speed(kind: str, tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     assert elapsed < 0.5, f"{kind} took {elapsed:.2f} s"
     assert folder.name.startswith("Dataset007_")
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["numTraining"] == 4
     ending = dataset_json["file_ending"]
     images = sorted(p for p in (folder / "imagesTr").iterdir() if p.name.endswith(ending))
@@ -71,7 +71,7 @@ def test_seg_example_labels(tmp_path: Path) -> None:
     label, _ = read_label(folder / "labelsTr" / "case_000.nii.gz")
     assert set(np.unique(label).tolist()) == {0, 1, 2}
     assert (folder / "imagesTs" / "case_002_0001.nii.gz").is_file()
-    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "a": 1, "b": 2}
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"] == {"background": 0, "a": 1, "b": 2}
 
 
 def test_existing_folder_is_not_overwritten(tmp_path: Path) -> None:

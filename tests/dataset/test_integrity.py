@@ -40,7 +40,7 @@ def _check(folder: Path, where: str, problem: str, full: bool = False) -> Datase
 
 def _edit_json(folder: Path, **changes: Any) -> None:
     path = folder / "dataset.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     for key, value in changes.items():
         if value is None:
             data.pop(key, None)
@@ -380,7 +380,7 @@ def cond(tmp_path: Path) -> Path:
 
 def _edit_metadata(folder: Path, case: str, **changes: Any) -> None:
     path = folder / "metadata.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     for key, value in changes.items():
         if value is None:
             data[case].pop(key, None)
@@ -395,7 +395,7 @@ def test_condition_missing_for_a_case(cond: Path) -> None:
 
 
 def test_case_missing_from_metadata(cond: Path) -> None:
-    data = json.loads((cond / "metadata.json").read_text())
+    data = json.loads((cond / "metadata.json").read_text(encoding="utf-8"))
     del data["case_001"]
     (cond / "metadata.json").write_text(json.dumps(data))
     _check(cond, "metadata.json case 'case_001'", "has no entry")

@@ -83,7 +83,7 @@ def test_tiff_float_and_sidecar_geometry(tmp_path: Path) -> None:
     props = properties_2d(spacing=(0.2, 0.3), shape=(5, 7), dtype="float32")
     arr = np.linspace(-1, 1, 35, dtype=np.float32).reshape(1, 1, 5, 7)
     write_image(arr, props, tmp_path / "t.tif")
-    assert json.loads((tmp_path / "t.json").read_text())["spacing"] == [0.2, 0.3]
+    assert json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["spacing"] == [0.2, 0.3]
     back, p = read_file(tmp_path / "t.tif")
     np.testing.assert_array_equal(back, arr)
     assert p.spacing == (999.0, 0.2, 0.3)
@@ -229,6 +229,6 @@ def test_dataset_works_without_simpleitk(tmp_path: Path) -> None:
             raise AssertionError("reading NIfTI without SimpleITK must fail clearly")
         print("OK")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "OK"

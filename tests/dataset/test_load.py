@@ -92,7 +92,7 @@ def test_explicit_dataset_listing(tmp_path: Path) -> None:
     (folder / "elsewhere").mkdir()
     for name in ("case_000_0000.nii.gz", "case_000_0001.nii.gz"):
         (folder / "imagesTr" / name).rename(folder / "elsewhere" / name)
-    data = json.loads((folder / "dataset.json").read_text())
+    data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     data["numTraining"] = 1
     data["dataset"] = {"x": {"images": ["elsewhere/case_000_0000.nii.gz", "elsewhere/case_000_0001.nii.gz"],
                              "label": "labelsTr/case_000.nii.gz"}}
@@ -104,7 +104,7 @@ def test_explicit_dataset_listing(tmp_path: Path) -> None:
 
 def test_overwrite_reader_and_unknown_keys_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = make_example_dataset("3d_mr", tmp_path, 4, num_cases=2)
-    data = json.loads((folder / "dataset.json").read_text())
+    data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     data["overwrite_image_reader_writer"] = "SimpleITKIO"
     data["chanel_names"] = {"0": "x"}
     (folder / "dataset.json").write_text(json.dumps(data))
@@ -116,7 +116,7 @@ def test_overwrite_reader_and_unknown_keys_are_logged(tmp_path: Path, caplog: py
 
 def test_legacy_modality_key(tmp_path: Path) -> None:
     folder = make_example_dataset("3d_mr", tmp_path, 4, num_cases=2)
-    data = json.loads((folder / "dataset.json").read_text())
+    data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     data["modality"] = data.pop("channel_names")
     (folder / "dataset.json").write_text(json.dumps(data))
     assert load_dataset(folder).channel_names == {"0": "T1"}
@@ -127,7 +127,7 @@ def test_allow_missing_channels(tmp_path: Path) -> None:
     (folder / "imagesTr" / "case_001_0001.nii.gz").unlink()
     with pytest.raises(DatasetError, match="case_001_0001.nii.gz: is missing"):
         load_dataset(folder)
-    data = json.loads((folder / "dataset.json").read_text())
+    data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     data["allow_missing_channels"] = True
     (folder / "dataset.json").write_text(json.dumps(data))
     ds = load_dataset(folder)

@@ -91,7 +91,7 @@ def test_png_summary_reports_the_copied_sample(png_setup, capsys):
     s = png_setup
     code, out, err = _run([s["root"] / "imagesTs", s["pred"], "-d", "10", "--raw", s["raw"]], capsys)
     assert code == 0, err
-    summary = json.loads((s["pred"] / "summary.json").read_text())
+    summary = json.loads((s["pred"] / "summary.json").read_text(encoding="utf-8"))
     metrics = summary["metrics"]
     assert (metrics["num_samples"], metrics["num_real_heldout"], metrics["num_training"]) == (5, 4, 6)
     assert metrics["spatial_dims"] == 2
@@ -122,7 +122,7 @@ def test_threshold_flag_and_explicit_output(png_setup, capsys):
     code, _, err = _run([s["root"] / "imagesTs", s["pred"], "-d", DATASET, "--raw", s["raw"], "-o", out_file,
                          "--near_copy_ssim", "0.2", "--max_pairs", "3", "--no_training", "--data_range", "300"], capsys)
     assert code == 0, err
-    summary = json.loads(out_file.read_text())
+    summary = json.loads(out_file.read_text(encoding="utf-8"))
     assert not (s["pred"] / "summary.json").exists()
     assert summary["metrics"]["memorization"] is None and "memorization" in summary["skipped"]
     assert summary["metrics"]["ms_ssim_diversity"]["samples"]["num_pairs"] == 3
@@ -136,7 +136,7 @@ def test_feature_extractor_distances(png_setup, capsys):
     code, _, err = _run([s["root"] / "imagesTs", s["pred"], "-d", "10", "--raw", s["raw"],
                          "--feature_extractor", model], capsys)
     assert code == 0, err
-    summary = json.loads((s["pred"] / "summary.json").read_text())
+    summary = json.loads((s["pred"] / "summary.json").read_text(encoding="utf-8"))
     assert "frechet_distance" not in summary["skipped"] and "kernel_distance" not in summary["skipped"]
 
     def features(images):
@@ -167,7 +167,7 @@ def test_nifti_3d_alignment_and_fingerprint_range(tmp_path, rng):
     summary = evaluate_generation_folders(root / "imagesTs", tmp_path / "pred", training_dir=root / "imagesTr",
                                           dataset_json=root / "dataset.json", fingerprint=fingerprint,
                                           output_file=tmp_path / "summary.json")
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8")) == summary
     assert summary["metrics"]["data_range"] == summary["settings"]["data_range"] == 1500.0
     assert summary["settings"]["data_range_source"].startswith("fingerprint")
     assert summary["settings"]["aligned_images"] == {"reference": 3, "training": 0}
@@ -357,8 +357,8 @@ def test_end_to_end_png_predictions(tmp_path, capsys):
     code, out, err = _run([heldout, tmp_path / "samples", "-d", "821", "--raw", paths.raw,
                            "--preprocessed", paths.preprocessed], capsys)
     assert code == 0, err
-    summary = json.loads((tmp_path / "samples" / "summary.json").read_text())
-    fingerprint = json.loads(location.fingerprint_file.read_text())["intensity_properties_per_channel"]["0"]
+    summary = json.loads((tmp_path / "samples" / "summary.json").read_text(encoding="utf-8"))
+    fingerprint = json.loads(location.fingerprint_file.read_text(encoding="utf-8"))["intensity_properties_per_channel"]["0"]
     assert summary["settings"]["data_range"] == fingerprint["percentile_99_5"] - fingerprint["percentile_00_5"]
     assert summary["settings"]["data_range_source"].startswith(str(location.fingerprint_file))
     metrics = summary["metrics"]

@@ -34,7 +34,7 @@ def _two_channel_translation(tmp_path: Path, allow_missing: bool = True) -> Path
         write_image((2.0 * images + 100.0).astype(np.float32), props,
                     t1.with_name(t1.name.replace("_0000", "_0001")))
     (folder / "imagesTr" / "case_001_0001.nii.gz").unlink()
-    spec = json.loads((folder / "dataset.json").read_text())
+    spec = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     spec["channel_names"] = {"0": "T1", "1": "T2"}
     if allow_missing:
         spec["allow_missing_channels"] = True

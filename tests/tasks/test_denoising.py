@@ -194,7 +194,7 @@ def test_clean_only_training_records_the_rician_choice(clean_only):
     assert debug["degradation"] == {"type": "rician", "level": [0.02, 0.12], "ct": False,
                                     "reason": debug["degradation"]["reason"]}
     assert "dataset.json key 'degradation'" in debug["degradation"]["reason"]
-    log = "".join(p.read_text() for p in (clean_only["model_dir"] / "fold_0").glob("*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in (clean_only["model_dir"] / "fold_0").glob("*.txt"))
     assert "rician" in log
     assert predictor_class_for("DenoisingTrainer") is DenoisingPredictor
 

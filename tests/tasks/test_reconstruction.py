@@ -120,7 +120,7 @@ def test_simulate_predict_and_evaluate(mri_model, tmp_path):
     reference, ref_props = read_images([images / "case_000_0000.npy"])
     assert recon.shape == reference.shape and props.spacing == ref_props.spacing
     assert (out / "case_000_std.npy").is_file() and (out / "baseline" / "case_000.npy").is_file()
-    info = json.loads((out / "reconstruction_info.json").read_text())
+    info = json.loads((out / "reconstruction_info.json").read_text(encoding="utf-8"))
     assert info["cases"]["case_000"]["acceleration"] == pytest.approx(4.0, rel=0.05)
     summary = evaluate_reconstruction(out, images, output_file=out / "summary.json")
     assert set(summary["mean"]) >= {"reconstruction", "baseline"}
@@ -171,7 +171,7 @@ def test_dps_runs_from_noise_and_unknown_dc_is_refused(mri_model, tmp_path):
     path, _ = _npz_case(mri_model, tmp_path / "in")
     out = tmp_path / "out"
     _predictor(mri_model, dc="dps", warm_start=False).predict_from_folder(path.parent, out, seed=0)
-    info = json.loads((out / "reconstruction_info.json").read_text())
+    info = json.loads((out / "reconstruction_info.json").read_text(encoding="utf-8"))
     assert info["dc"] == "dps" and np.isfinite(info["cases"]["knee"]["dc_residual"])
     with pytest.raises(NnDiffError, match="unknown data consistency"):
         _predictor(mri_model, dc="magic")
@@ -230,5 +230,5 @@ def test_ct_sparse_view_simulate_smoke(tmp_path):
     predictor.predict_simulated(raw / "imagesTr", out, seed=0)
     recon, _ = read_images([out / "ct_000.npy"])
     assert recon.shape == (1, 1, 16, 16) and np.isfinite(recon).all()
-    info = json.loads((out / "reconstruction_info.json").read_text())
+    info = json.loads((out / "reconstruction_info.json").read_text(encoding="utf-8"))
     assert info["cases"]["ct_000"]["num_views"] == 6 and np.isfinite(info["cases"]["ct_000"]["dc_residual"])

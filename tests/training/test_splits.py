@@ -58,7 +58,7 @@ def test_fewer_groups_than_folds_and_single_group():
 def test_splits_file_is_written_once_and_honoured(tmp_path):
     cases, metadata = _cases_and_metadata()
     created = load_or_create_splits(tmp_path, cases, metadata)
-    on_disk = json.loads((tmp_path / SPLITS_FILE).read_text())
+    on_disk = json.loads((tmp_path / SPLITS_FILE).read_text(encoding="utf-8"))
     assert on_disk == created
     custom = [{"train": cases[2:], "val": cases[:2]}, {"train": cases[:2], "val": cases[2:]}]
     (tmp_path / SPLITS_FILE).write_text(json.dumps(custom))

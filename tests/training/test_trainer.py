@@ -89,7 +89,7 @@ def test_nan_loss_stops_with_clear_error_and_writes_nothing_for_that_step(datase
         assert torch.equal(value, latest["network_weights"][key])
     assert not (tmp_path / "out" / FINAL).exists()
     assert not list((tmp_path / "out").glob(".*.tmp"))
-    log = next((tmp_path / "out").glob("training_log_*.txt")).read_text()
+    log = next((tmp_path / "out").glob("training_log_*.txt")).read_text(encoding="utf-8")
     assert "ERROR: training stopped: the loss is nan" in log
 
 
@@ -155,11 +155,11 @@ def test_outputs_log_progress_and_debug(dataset, tmp_path):
     assert (out / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logs = list(out.glob("training_log_*.txt"))
     assert len(logs) == 1 and re.fullmatch(r"training_log_\d{4}(_\d\d){5}\.txt", logs[0].name)
-    text = logs[0].read_text()
+    text = logs[0].read_text(encoding="utf-8")
     assert "epoch 0: iteration 3/9" in text and "training finished after 9 iterations" in text
     import json
 
-    debug = json.loads((out / "debug.json").read_text())
+    debug = json.loads((out / "debug.json").read_text(encoding="utf-8"))
     assert debug["trainer_class"] == "TinyTrainer" and debug["total_iterations"] == 9
     assert debug["settings"]["ema_decay"] == 0.9 and debug["num_parameters"] > 0
     assert {"train_loss", "val_loss", "lr", "epoch_time_s", "train_sigma"} <= set(trainer.history.columns)
@@ -197,7 +197,7 @@ def test_fold_all_and_results_folder_layout(dataset, tmp_path):
     assert trainer.output_dir == tmp_path / "results" / "Dataset901_Tiny" / "TinyTrainer__nnDiffPlans__2d" / "fold_all"
     trainer.run_training(stop_after_iterations=1)
     assert trainer.train_cases == trainer.val_cases and len(trainer.train_cases) == 8
-    assert "validating on the training cases" in next(trainer.output_dir.glob("training_log_*.txt")).read_text()
+    assert "validating on the training cases" in next(trainer.output_dir.glob("training_log_*.txt")).read_text(encoding="utf-8")
 
 
 def test_untrainable_configuration_and_missing_data_are_refused(dataset, tmp_path):
@@ -273,4 +273,4 @@ def test_time_limit_stops_after_the_current_iteration(dataset, tmp_path):
     trainer.run_training(time_limit_s=0.0)
     assert trainer.iteration == 1
     assert load_checkpoint(tmp_path / "out" / LATEST)["iteration"] == 1
-    assert "stopped after iteration 1 of 9" in next((tmp_path / "out").glob("training_log_*.txt")).read_text()
+    assert "stopped after iteration 1 of 9" in next((tmp_path / "out").glob("training_log_*.txt")).read_text(encoding="utf-8")
