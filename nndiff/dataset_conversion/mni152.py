@@ -11,6 +11,11 @@ Modes:
   cross-validation never splits near-duplicate neighbours across train and validation.
 * ``3d``: every training slab is one 3D case (a sub-volume of consecutive slices).
 
+Tasks: ``generation`` (T1 images), ``segmentation`` (+ tissue labels), ``translation`` (T1 -> a
+T2-weighted-like contrast computed from the tissue maps, :func:`t2_like_contrast`), ``denoising``
+(clean-only T1; the degradation is simulated in training) and ``reconstruction`` (T1 magnitude
+slices as fully sampled images + single-coil 4x Cartesian MRI acquisition model; 2D only).
+
 Held-out split (both modes): one contiguous slab of slices goes to ``imagesTs/``. Adjacent slices
 are near duplicates, so ``gap`` slices on each side of the held-out slab are written nowhere;
 every training slice is at least ``gap + 1`` slices away from every held-out slice (a distance of
@@ -46,7 +51,18 @@ MODES: tuple[str, ...] = ("2d_slices", "3d")
 AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 RESOLUTIONS: tuple[int, ...] = (1, 2)
 #: Task families this converter can write (the others need data the template does not have).
-SUPPORTED_TASKS: tuple[TaskFamily, ...] = (TaskFamily.GENERATION, TaskFamily.SEGMENTATION)
+SUPPORTED_TASKS: tuple[TaskFamily, ...] = (TaskFamily.GENERATION, TaskFamily.SEGMENTATION,
+                                            TaskFamily.TRANSLATION, TaskFamily.DENOISING,
+                                            TaskFamily.RECONSTRUCTION)
+#: Folder name suffix per task (generation has none).
+TASK_SUFFIX: dict[TaskFamily, str] = {TaskFamily.SEGMENTATION: "Seg", TaskFamily.TRANSLATION: "T2like",
+                                      TaskFamily.DENOISING: "Denoise", TaskFamily.RECONSTRUCTION: "Recon"}
+#: Relative T2-weighted brightness of each tissue: CSF bright, GM intermediate, WM dark.
+T2_LIKE_WEIGHTS: dict[str, float] = {"CSF": 1.0, "GM": 0.55, "WM": 0.3}
+TARGET_NAME = "T2w-like"
+#: Acquisition model of the reconstruction task: single-coil Cartesian MRI, 4x random 1D mask.
+RECONSTRUCTION_BLOCK: dict[str, Any] = {"operator": "mri_cartesian", "acceleration": 4,
+                                        "center_fraction": 0.08, "mask_type": "random", "num_coils": 1}
 FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".png")
 #: Tissue classes of the segmentation mode (label value -> name in dataset.json order).
 TISSUE_LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
@@ -203,6 +219,19 @@ def tissue_label_map(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.nd
     return np.where(brain, most_probable, 0).astype(np.uint8)
 
 
+def t2_like_contrast(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """T2-weighted-like target of the translation task, in 0..255, not smoothed.
+
+    ``255 * brain * (1.0 * CSF + 0.55 * GM + 0.3 * WM)`` with ``CSF = clip(1 - GM - WM, 0, 1)``:
+    the contrast order of T2 (CSF > GM > WM), inverted against T1 (WM > GM > CSF) but with other
+    ratios, so T1 -> target is learnable and not a linear map of the T1 intensities.
+    """
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    w = T2_LIKE_WEIGHTS
+    mixed = w["CSF"] * csf + w["GM"] * np.asarray(gm) + w["WM"] * np.asarray(wm)
+    return (TEMPLATE_MAX_VALUE * np.where(brain, np.clip(mixed, 0.0, 1.0), 0.0)).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- slice split
 
 
@@ -355,21 +384,26 @@ def slice_properties(props: ImageProperties, axis: int, index: int) -> ImageProp
 def dataset_name(mode: str, axis: str, task: TaskFamily) -> str:
     """Default folder name part, e.g. ``MNI152Axial2D`` or ``MNI152Axial3DSeg``."""
     suffix = "2D" if mode == "2d_slices" else "3D"
-    return f"MNI152{axis.capitalize()}{suffix}" + ("Seg" if task == TaskFamily.SEGMENTATION else "")
+    return f"MNI152{axis.capitalize()}{suffix}" + TASK_SUFFIX.get(task, "")
 
 
 def _write_case(folder: Path, split: str, case_id: str, image: np.ndarray, label: np.ndarray | None,
-                props: ImageProperties, file_ending: str) -> None:
-    """Write one case: image ``images{split}/{case}_0000`` and, if given, ``labels{split}/{case}``."""
+                props: ImageProperties, file_ending: str, target: np.ndarray | None = None) -> None:
+    """Write one case: image ``images{split}/{case}_0000``; if given, ``labels{split}/{case}`` and
+    target ``targets{split}/{case}_0000``."""
     image_props = replace(props, dtype="uint8" if file_ending == ".png" else "float32")
     image_path = folder / f"images{split}" / f"{case_id}_0000{file_ending}"
     write_image(image[None].astype(np.float32), image_props, image_path)
+    if target is not None:
+        target_path = folder / f"targets{split}" / f"{case_id}_0000{file_ending}"
+        write_image(target[None].astype(np.float32), image_props, target_path)
     if label is not None:
         label_path = folder / f"labels{split}" / f"{case_id}{file_ending}"
         write_image(label[None].astype(np.uint8), props, label_path)
 
 
-def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None) -> list[dict[str, Any]]:
+def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None,
+                 targets: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One case per slice: training slices (subject = slab id) and held-out slices."""
     axis = AXES[split.axis]
     cases: list[dict[str, Any]] = []
@@ -381,12 +415,14 @@ def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | Non
                 "id": f"mni152_{split.axis}_{index:03d}", "split": part_split, "subject": subject,
                 "slices": [index], "image": _slice(vol.t1, axis, index),
                 "label": None if labels is None else _slice(labels, axis, index),
+                "target": None if targets is None else _slice(targets, axis, index),
                 "properties": slice_properties(vol.properties, axis, index),
             })
     return cases
 
 
-def _slab_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None) -> list[dict[str, Any]]:
+def _slab_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None,
+                targets: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One 3D case per training slab, plus the held-out slab as one test case."""
     axis = AXES[split.axis]
     parts = [(f"mni152_{split.axis}_slab_{n:02d}", "Tr", slab) for n, slab in enumerate(split.train_slabs)]
@@ -396,6 +432,7 @@ def _slab_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None
         "id": case_id, "split": part_split, "subject": case_id, "slices": indices,
         "image": _take(vol.t1, axis, indices),
         "label": None if labels is None else _take(labels, axis, indices),
+        "target": None if targets is None else _take(targets, axis, indices),
         "properties": sub_volume_properties(vol.properties, axis, indices[0], len(indices)),
     } for case_id, part_split, indices in parts]
 
@@ -417,6 +454,13 @@ def _dataset_json(task: TaskFamily, num_training: int, file_ending: str, mode: s
     }
     if task == TaskFamily.SEGMENTATION:
         data["labels"] = dict(TISSUE_LABELS)
+    elif task == TaskFamily.TRANSLATION:
+        data["target_names"] = {"0": TARGET_NAME}
+        data["description"] += (f"; targets: {TARGET_NAME} = 255 * brain * (1.0 CSF + 0.55 GM + 0.3 WM), "
+                                f"CSF = 1 - GM - WM, from the template's tissue maps")
+    elif task == TaskFamily.RECONSTRUCTION:
+        data["reconstruction"] = dict(RECONSTRUCTION_BLOCK)
+    # Denoising is clean-only without a 'degradation' block: the planner picks Rician for MR.
     return data
 
 
@@ -428,7 +472,10 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     """Write ``raw_root/DatasetXXX_<name>/`` from the MNI152 template and return that folder.
 
     ``task="generation"``: images only. ``task="segmentation"``: plus ``labelsTr``/``labelsTs``
-    tissue maps (background, CSF, GM, WM; :func:`tissue_label_map`). ``file_ending`` ``.png``
+    tissue maps (background, CSF, GM, WM; :func:`tissue_label_map`). ``"translation"``: plus
+    ``targetsTr``/``targetsTs`` (:func:`t2_like_contrast`). ``"denoising"``: clean images only, no
+    ``degradation`` block (the planner picks Rician noise for MR). ``"reconstruction"``: images as
+    fully sampled magnitude slices plus the ``reconstruction`` block (2D only). ``file_ending`` ``.png``
     (2D only) stores the 8-bit values (lossless at 1 mm, rounded at 2 mm). The folder is built
     under a temporary name and moved into place, replacing an earlier conversion of the same name.
     See :func:`plan_slice_split` for the slice rules (``mode="3d"``: ``slab_size`` defaults to
@@ -440,6 +487,9 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     if family not in SUPPORTED_TASKS:
         raise NnDiffError(f"task {family} is not supported by the MNI152 conversion; use one of "
                           f"{[str(t) for t in SUPPORTED_TASKS]}")
+    if family == TaskFamily.RECONSTRUCTION and mode != "2d_slices":
+        raise NnDiffError(f"task reconstruction needs mode 2d_slices, got mode {mode!r}: the MRI operator "
+                          "undersamples 2D k-space of single slices. Fix: pass --mode 2d_slices")
     if file_ending not in FILE_ENDINGS or (file_ending == ".png" and mode != "2d_slices"):
         raise NnDiffError(f"file_ending {file_ending!r} is not supported for mode {mode}; use .nii.gz"
                           + (" or .png" if mode == "2d_slices" else ""))
@@ -454,12 +504,13 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     split = plan_slice_split(vol.brain, axis, gap, heldout_fraction, min_brain_fraction,
                              heldout_position, slab_size)
     labels = tissue_label_map(vol.gm, vol.wm, vol.brain) if family == TaskFamily.SEGMENTATION else None
-    cases = (_slice_cases if mode == "2d_slices" else _slab_cases)(vol, split, labels)
+    targets = t2_like_contrast(vol.gm, vol.wm, vol.brain) if family == TaskFamily.TRANSLATION else None
+    cases = (_slice_cases if mode == "2d_slices" else _slab_cases)(vol, split, labels, targets)
     target = raw_root / folder_name
     with atomic_directory(target) as tmp:
         for case in cases:
             _write_case(tmp, case["split"], case["id"], case["image"], case["label"], case["properties"],
-                        file_ending)
+                        file_ending, case["target"])
         num_training = sum(case["split"] == "Tr" for case in cases)
         save_json(_dataset_json(family, num_training, file_ending, mode, resolution), tmp / "dataset.json")
         save_json({case["id"]: {"subject": case["subject"]} for case in cases}, tmp / "metadata.json")
@@ -503,7 +554,9 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="2d_slices")
     p.add_argument("--axis", choices=list(AXES), default="axial")
     p.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=1, help="mm (default 1)")
-    p.add_argument("--task", choices=[str(t) for t in SUPPORTED_TASKS], default="generation")
+    p.add_argument("--task", choices=[str(t) for t in SUPPORTED_TASKS], default="generation",
+                   help="segmentation: + tissue labels; translation: + T2w-like targets; denoising: "
+                   "clean-only; reconstruction: + 4x Cartesian MRI block (2d_slices only)")
     p.add_argument("--gap", type=int, default=10, help="slices dropped on each side of the held-out slab")
     p.add_argument("--heldout_fraction", type=float, default=0.2)
     p.add_argument("--heldout_position", choices=("center", "end"), default="center")

@@ -249,3 +249,72 @@ def test_fingerprint_and_plan_accept_the_2d_dataset(axial_2d):
     assert list(plans["configurations"]) == ["2d"]
     # The window covers the template's 8-bit range (not a 0..1 rescaled one).
     assert 150.0 < plans["normalization"]["images"][0]["params"]["clip_high"] <= 255.0
+
+
+# --------------------------------------------------------------------------- image-conditioned tasks
+
+
+def _fingerprint_and_plan(folder: Path) -> tuple[dict, dict]:
+    from nndiff.fingerprint import extract_fingerprint
+    from nndiff.planning import plan_experiment
+
+    dataset = load_dataset(folder)
+    assert verify_integrity(dataset, full=True) == []
+    fingerprint = extract_fingerprint(dataset, num_processes=1)
+    return fingerprint, plan_experiment(fingerprint, dataset.json)
+
+
+def test_t2_like_contrast_formula():
+    gm = np.array([0.0, 1.0, 0.0, 0.5, 0.9])
+    wm = np.array([0.0, 0.0, 1.0, 0.5, 0.0])
+    brain = np.array([True, True, True, True, False])
+    # CSF, GM, WM, GM/WM mix, outside the brain.
+    expected = [255.0, 0.55 * 255, 0.3 * 255, (0.5 * 0.55 + 0.5 * 0.3) * 255, 0.0]
+    np.testing.assert_allclose(mni152.t2_like_contrast(gm, wm, brain), expected, rtol=1e-6)
+
+
+def test_translation_dataset_has_t2_like_targets_and_plans_conditioning(tmp_path, volumes_2mm):
+    folder = convert_mni152(tmp_path, 13, resolution=2, task="translation")
+    assert folder.name == "Dataset013_MNI152Axial2DT2like"
+    dataset = load_dataset(folder)
+    assert dataset.json["target_names"] == {"0": "T2w-like"}
+    case_id, case = sorted(dataset.cases.items())[3]
+    index = int(_SLICE_ID.match(case_id).group(1))
+    target, _ = read_images(case.targets)
+    expected = mni152.t2_like_contrast(volumes_2mm.gm, volumes_2mm.wm, volumes_2mm.brain)[index, ::-1]
+    np.testing.assert_allclose(target[0, 0], expected, atol=1e-3)
+    # Voxel check against the formula: CSF-rich voxels bright, WM-rich voxels dark, outside 0.
+    gm, wm = volumes_2mm.gm[index, ::-1], volumes_2mm.wm[index, ::-1]
+    brain = volumes_2mm.brain[index, ::-1]
+    row, col = np.unravel_index(np.argmax(np.where(brain, wm, -1.0)), wm.shape)
+    assert target[0, 0, row, col] == pytest.approx(
+        255 * (max(0.0, 1 - gm[row, col] - wm[row, col]) + 0.55 * gm[row, col] + 0.3 * wm[row, col]), abs=1e-3)
+    assert np.all(target[0, 0][~brain] == 0)
+    assert len(dataset.test_cases) > 0 and all(c.targets for c in dataset.test_cases.values())
+    _, plans = _fingerprint_and_plan(folder)
+    assert plans["configurations"]["2d"]["network"]["cond_channels"] == 1
+
+
+def test_denoising_dataset_is_clean_only_and_plans_rician(tmp_path, volumes_2mm):
+    folder = convert_mni152(tmp_path, 14, resolution=2, task="denoising")
+    dataset = load_dataset(folder)
+    assert dataset.task == "denoising"
+    assert "degradation" not in dataset.json and "target_names" not in dataset.json
+    assert not (folder / "targetsTr").exists()
+    _, plans = _fingerprint_and_plan(folder)
+    assert plans["configurations"]["2d"]["degradation"]["type"] == "rician"
+
+
+def test_reconstruction_dataset_plans_the_measurement_grid_and_refuses_3d(tmp_path, volumes_2mm):
+    folder = convert_mni152(tmp_path, 15, resolution=2, task="reconstruction")
+    dataset = load_dataset(folder)
+    assert dataset.json["reconstruction"] == {"operator": "mri_cartesian", "acceleration": 4,
+                                              "center_fraction": 0.08, "mask_type": "random", "num_coils": 1}
+    _, plans = _fingerprint_and_plan(folder)
+    assert plans["normalization"]["images"][0]["scheme"] == "scale_only"
+    config = plans["configurations"]["2d"]
+    assert config["resample"] is False and config["crop_to_nonzero"] is False
+    assert config["sampling"]["data_consistency"] is True
+    with pytest.raises(NnDiffError, match="needs mode 2d_slices"):
+        convert_mni152(tmp_path, 16, mode="3d", resolution=2, task="reconstruction")
+    assert not list(tmp_path.glob("Dataset016_*"))
