@@ -51,3 +51,10 @@ def test_cli_md_status_matches_setup_py():
     available = {name for name, s in status.items() if s.startswith("available")}
     assert available == scripts, (f"cli.md says available but not installed: {sorted(available - scripts)}; "
                                   f"installed but not marked available: {sorted(scripts - available)}")
+
+
+def test_every_documentation_page_is_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    pages = sorted(p.name for p in (ROOT / "documentation").glob("*.md"))
+    missing = [p for p in pages if f"documentation/{p}" not in readme]
+    assert not missing, f"README.md does not list: {missing}"
