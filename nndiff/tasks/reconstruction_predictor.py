@@ -297,8 +297,22 @@ class ReconstructionPredictor(Predictor):
         return image * self.scale
 
     def reconstruct_case(self, case: CaseMeasurement, seed: int, num_samples: int = 1) -> dict[str, Any]:
-        """Samples ``(K, S, H, W)``, baseline ``(S, H, W)`` and the mean relative DC residual of one case."""
-        generator = self.make_generator(seed, case.identifier)
+        """Samples ``(S_total, Z, H, W)``, baseline ``(Z, H, W)`` and the mean relative DC residual of
+        one case. With the ``prediction`` fold ensemble each fold reconstructs the case on its own
+        (its own generator, :meth:`fold_generator`) and the samples are stacked fold-major
+        (F x K); otherwise the folds are averaged at every step (one generator, K samples)."""
+        if not self.ensembles_predictions:
+            return self.reconstruct_with(case, self.make_generator(seed, case.identifier), num_samples)
+        parts = []
+        for fold in range(len(self.networks)):
+            with self.active_folds([fold]):
+                parts.append(self.reconstruct_with(case, self.fold_generator(seed, case.identifier, fold),
+                                                   num_samples))
+        return {"samples": torch.cat([p["samples"] for p in parts]), "baseline": parts[0]["baseline"],
+                "residual": float(np.mean([p["residual"] for p in parts]))}
+
+    def reconstruct_with(self, case: CaseMeasurement, generator: torch.Generator, num_samples: int) -> dict[str, Any]:
+        """``num_samples`` reconstructions of every slice of ``case`` drawn with ``generator``."""
         samples, baselines, residuals = [], [], []
         with torch.no_grad():
             for s, operator in enumerate(case.operators):
@@ -314,13 +328,15 @@ class ReconstructionPredictor(Predictor):
         return {"samples": torch.stack(samples, dim=1), "baseline": torch.stack(baselines),
                 "residual": float(np.mean(residuals))}
 
-    def write_case(self, case: CaseMeasurement, result: dict[str, Any], output_dir: Path) -> list[Path]:
-        """Magnitude (+ std), complex image and baseline with the case's geometry."""
-        samples = result["samples"]  # (K, S, H, W)
+    def write_case(self, case: CaseMeasurement, result: dict[str, Any], output_dir: Path,
+                   with_std: bool = True) -> list[Path]:
+        """Magnitude (+ std over the samples when ``with_std`` and there are several), complex image
+        and baseline with the case's geometry."""
+        samples = result["samples"]  # (K, S, H, W); K = folds x samples in the prediction fold ensemble
         magnitudes = [s.abs().numpy()[None] for s in samples]  # each (1, S, H, W)
         mean, std = monte_carlo_summary(magnitudes)
         paths = write_output(mean, case.properties, output_dir, case.identifier, self.file_ending)
-        if len(magnitudes) > 1:
+        if with_std and len(magnitudes) > 1:
             paths += write_output(std, case.properties, output_dir, case.identifier, self.file_ending, suffix="_std")
         if samples.is_complex():
             path = output_dir / f"{case.identifier}{COMPLEX_SUFFIX}"
@@ -340,7 +356,8 @@ class ReconstructionPredictor(Predictor):
         info: dict[str, Any] = {}
         for case in cases:
             result = self.reconstruct_case(case, seed, num_mc_samples)
-            written += self.write_case(case, result, output_dir)
+            # as the base: a std map only for --num_samples > 1 (the fold count does not add one)
+            written += self.write_case(case, result, output_dir, with_std=num_mc_samples > 1)
             info[case.identifier] = {"dc_residual": result["residual"], "acceleration": case.acceleration,
                                      "source": case.source, **case.extra}
             logger.info("reconstructed %s (relative DC residual %.3g)", case.identifier, result["residual"])
