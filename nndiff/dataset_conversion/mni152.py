@@ -38,8 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from nndiff.dataset.io import ImageProperties, write_image
-from nndiff.dataset_conversion.common import check_dataset_id_free
+from nndiff.dataset.io import ImageProperties
+from nndiff.dataset_conversion.common import check_dataset_id_free, write_case_image
 from nndiff.diffusion.options import TaskFamily, parse_option
 from nndiff.errors import NnDiffError
 from nndiff.utils.files import atomic_directory, save_json
@@ -392,14 +392,11 @@ def _write_case(folder: Path, split: str, case_id: str, image: np.ndarray, label
     """Write one case: image ``images{split}/{case}_0000``; if given, ``labels{split}/{case}`` and
     target ``targets{split}/{case}_0000``."""
     image_props = replace(props, dtype="uint8" if file_ending == ".png" else "float32")
-    image_path = folder / f"images{split}" / f"{case_id}_0000{file_ending}"
-    write_image(image[None].astype(np.float32), image_props, image_path)
+    write_case_image(folder, f"images{split}", case_id, 0, image.astype(np.float32), image_props, file_ending)
     if target is not None:
-        target_path = folder / f"targets{split}" / f"{case_id}_0000{file_ending}"
-        write_image(target[None].astype(np.float32), image_props, target_path)
+        write_case_image(folder, f"targets{split}", case_id, 0, target.astype(np.float32), image_props, file_ending)
     if label is not None:
-        label_path = folder / f"labels{split}" / f"{case_id}{file_ending}"
-        write_image(label[None].astype(np.uint8), props, label_path)
+        write_case_image(folder, f"labels{split}", case_id, None, label.astype(np.uint8), props, file_ending)
 
 
 def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None,
