@@ -9,18 +9,34 @@ from typing import Any, Sequence
 from nndiff.diffusion.options import TaskFamily
 from nndiff.planning.constants import (
     ANISOTROPY_THRESHOLD,
+    AUTOENCODER_BASE_CHANNELS,
+    AUTOENCODER_DECODE_HEADROOM,
+    AUTOENCODER_KL_WEIGHT,
+    AUTOENCODER_LOSS_TENSORS,
+    AUTOENCODER_MAX_CHANNEL_MULT,
+    AUTOENCODER_NUM_EPOCHS,
+    AUTOENCODER_NUM_RES_BLOCKS,
+    AUTOENCODER_SSIM_WEIGHT,
     LATENT_DOWNSAMPLING,
     LATENT_LARGE_IMAGE_VOXELS,
     LATENT_MIN_CHANNELS,
     LATENT_MIN_PATCH_COVERAGE,
+    MAX_DATASET_FRACTION_PER_BATCH,
+    MIN_BATCH_SIZE,
+    NORM_GROUPS,
+    NUM_HEAD_CHANNELS,
+    PATCH_SCALE_STEP,
+    TRAINING_DTYPE,
 )
-from nndiff.planning.decision import Decision, fmt_num, fmt_pct, fmt_shape, fmt_spacing
+from nndiff.planning.decision import Decision, fmt_gib, fmt_num, fmt_pct, fmt_shape, fmt_spacing
 from nndiff.planning.diffusion import decide_diffusion, decide_sampling
 from nndiff.planning.fingerprint_view import FingerprintView
+from nndiff.planning.memory import GIB, estimate_training_vram
 from nndiff.planning.patch import (
     decide_batch_size,
     decide_estimated_vram,
     decide_patch_size,
+    memory_budget_gib,
     search_patch,
 )
 from nndiff.planning.topology import (
@@ -33,6 +49,8 @@ from nndiff.planning.topology import (
 
 TRAINABLE = "trainable"
 PLANNED_NOT_TRAINABLE = "planned, not trainable yet"
+#: Status of a latent configuration: trainable, in two stages per fold.
+LATENT_TRAINABLE = "trainable (two stages: autoencoder, then latent diffusion)"
 
 
 @dataclass(frozen=True)
@@ -174,20 +192,180 @@ def plan_pixel_configuration(ctx: PlanContext, name: str, spacing: list[float], 
     return config
 
 
-def latent_factors(median_shape: Sequence[int], spacing: Sequence[float]) -> list[int]:
-    """Autoencoder downsampling per axis: log2(f) halvings by the same spacing-aware rule as the
+def latent_strides(median_shape: Sequence[int], spacing: Sequence[float]) -> list[list[int]]:
+    """Autoencoder downsampling per level: log2(f) halvings by the same spacing-aware rule as the
     network strides (a thick-slice axis is halved only once the others have caught up)."""
     dims = len(median_shape)
     steps = int(math.log2(LATENT_DOWNSAMPLING[dims]))
-    strides = compute_strides(median_shape, spacing, steps, min_feature=1)
-    return shape_divisor(strides, dims)
+    return compute_strides(median_shape, spacing, steps, min_feature=1)
+
+
+def latent_factors(median_shape: Sequence[int], spacing: Sequence[float]) -> list[int]:
+    """Autoencoder downsampling per axis: the product of :func:`latent_strides`."""
+    return shape_divisor(latent_strides(median_shape, spacing), len(median_shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoencoder stage of a latent configuration
+# ----------------------------------------------------------------------------------------------
+def autoencoder_channel_multipliers(num_levels: int, dims: int) -> list[int]:
+    """Doubling per level up to AUTOENCODER_MAX_CHANNEL_MULT (4 in 2D, 2 in 3D)."""
+    return [min(2**level, AUTOENCODER_MAX_CHANNEL_MULT[dims]) for level in range(num_levels)]
+
+
+def autoencoder_standin_network(dims: int, in_channels: int, base_channels: int,
+                                multipliers: Sequence[int], strides: Sequence[Sequence[int]],
+                                num_res_blocks: int) -> dict[str, Any]:
+    """A UNet network block shaped like the autoencoder (same levels, widths, per-axis strides and
+    residual blocks, no attention) for :func:`~nndiff.planning.memory.estimate_training_vram`.
+
+    The memory model walks ADM UNets only. The UNet stand-in keeps *more* than the autoencoder
+    (skip tensors, decoder blocks over concatenated skips, time embeddings), so its estimate is an
+    upper bound: a conservative rule until a GPU calibration of the autoencoder itself exists.
+    """
+    return {"architecture": "unet", "spatial_dims": dims, "in_channels": in_channels, "cond_channels": 0,
+            "out_channels": in_channels, "model_channels": base_channels, "channel_mult": list(multipliers),
+            "strides": [list(s) for s in strides], "num_res_blocks": num_res_blocks, "attention_levels": [],
+            "num_head_channels": NUM_HEAD_CHANNELS, "norm_groups": NORM_GROUPS, "dropout": 0.0,
+            "num_classes": None, "num_continuous_conditions": 0}
+
+
+def estimate_autoencoder_vram_gib(standin: dict[str, Any], patch: Sequence[int], batch_size: int,
+                                  in_channels: int, dtype: str = TRAINING_DTYPE) -> float:
+    """Estimated GPU memory (GiB) of one autoencoder training step: the UNet stand-in's estimate
+    plus AUTOENCODER_LOSS_TENSORS fp32 full-resolution tensors per image channel (L1 + SSIM loss)."""
+    loss = batch_size * math.prod(patch) * in_channels * AUTOENCODER_LOSS_TENSORS * 4 / GIB
+    return estimate_training_vram(standin, patch, batch_size, dtype).total_gib + loss
+
+
+def _round_to_factors(raw: Sequence[float], factors: Sequence[int]) -> list[int]:
+    return [max(f, int(round(r / f)) * f) for r, f in zip(raw, factors)]
+
+
+def decide_autoencoder_patch(median_shape: Sequence[int], factors: Sequence[int], standin: dict[str, Any],
+                             in_channels: int, target_gib: float) -> tuple[Decision[list[int]], float]:
+    """Autoencoder patch: the largest patch of the median image's aspect ratio (scaled by 0.95 per
+    try, each side a multiple of its downsampling factor, at most the median rounded up) whose step
+    at batch MIN_BATCH_SIZE fits the memory budget (TARGET_UTILIZATION × target), as for the
+    diffusion patch. Returns the decision and the coverage of the median image."""
+    budget = memory_budget_gib(target_gib)
+    median_voxels = math.prod(median_shape)
+    scale, tried = 1.0, 0
+    while True:
+        patch = _round_to_factors([m * scale for m in median_shape], factors)
+        estimate = estimate_autoencoder_vram_gib(standin, patch, MIN_BATCH_SIZE, in_channels)
+        tried += 1
+        fits = estimate <= budget
+        smallest = all(p == f for p, f in zip(patch, factors))
+        if fits or smallest:
+            break
+        scale *= PATCH_SCALE_STEP
+    coverage = min(1.0, math.prod(patch) / median_voxels)
+    head = (f"target {fmt_num(target_gib)} GiB → budget {fmt_gib(budget)}; autoencoder step estimated with a "
+            f"UNet-shaped stand-in (same levels, widths and strides, no attention; keeps more tensors than the "
+            f"autoencoder → conservative) + {AUTOENCODER_LOSS_TENSORS} fp32 loss tensors per voxel and channel")
+    tail = (f"patch {fmt_shape(patch)} ({fmt_pct(coverage)} of the median {fmt_shape(median_shape)}, sides "
+            f"multiples of the factors {fmt_shape(factors)}), estimate {fmt_gib(estimate)} at batch {MIN_BATCH_SIZE}")
+    if not fits:
+        return Decision(patch, f"{head}; even the smallest patch does not fit: {tail} (expect out-of-memory; "
+                               "raise --gpu_memory_target)"), coverage
+    what = "the whole median image fits" if tried == 1 else "largest patch of the median's aspect ratio that fits"
+    return Decision(patch, f"{head}; {what} → {tail}"), coverage
+
+
+def decide_autoencoder_batch(standin: dict[str, Any], patch: Sequence[int], in_channels: int, target_gib: float,
+                             dataset_voxels: float) -> Decision[int]:
+    """Autoencoder batch: as many patches as the budget allows over the fixed cost, capped at
+    MAX_DATASET_FRACTION_PER_BATCH (5 %) of the dataset's voxels, at least MIN_BATCH_SIZE (the rule
+    of the diffusion batch, on the autoencoder estimate)."""
+    budget = memory_budget_gib(target_gib)
+    one = estimate_autoencoder_vram_gib(standin, patch, 1, in_channels)
+    per_sample = estimate_autoencoder_vram_gib(standin, patch, 2, in_channels) - one
+    fixed = one - per_sample
+    by_memory = max(0, int((budget - fixed) // per_sample))
+    cap = int(MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels // math.prod(patch))
+    batch = max(MIN_BATCH_SIZE, min(by_memory, cap))
+    limit = "memory" if by_memory <= cap else f"the {fmt_pct(MAX_DATASET_FRACTION_PER_BATCH)} dataset cap"
+    return Decision(batch, f"budget {fmt_gib(budget)} − fixed {fmt_gib(fixed)} over {fmt_gib(per_sample)} per "
+                           f"{fmt_shape(patch)} patch → {by_memory} by memory; cap {cap} "
+                           f"({fmt_pct(MAX_DATASET_FRACTION_PER_BATCH)} of {dataset_voxels:.3g} dataset voxels); "
+                           f"batch {batch} (limited by {limit}, at least {MIN_BATCH_SIZE})")
+
+
+def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacing: Sequence[float],
+                           latent_channels: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``autoencoder`` block of a latent configuration and its reasons (``autoencoder.<key>``).
+
+    Architecture (KL autoencoder, GroupNorm–SiLU residual blocks, no attention): one level per
+    halving of :func:`latent_strides`, AUTOENCODER_BASE_CHANNELS wide at level 0. Patch and batch
+    at the memory target (:func:`decide_autoencoder_patch` / :func:`decide_autoencoder_batch`),
+    training length AUTOENCODER_NUM_EPOCHS, loss weights, and the whole-latent decode limit
+    ``max_decode_voxels`` the predictor uses to switch to sliding-window decoding.
+    """
+    dims = len(median_shape)
+    strides = latent_strides(median_shape, spacing)
+    factors = shape_divisor(strides, dims)
+    pixel_channels = ctx.channels.value.in_channels
+    base = AUTOENCODER_BASE_CHANNELS[dims]
+    multipliers = autoencoder_channel_multipliers(len(strides) + 1, dims)
+    num_res_blocks = AUTOENCODER_NUM_RES_BLOCKS[dims]
+    standin = autoencoder_standin_network(dims, pixel_channels, base, multipliers, strides, num_res_blocks)
+    target = ctx.gpu_memory_target_gib
+    patch, _ = decide_autoencoder_patch(median_shape, factors, standin, pixel_channels, target)
+    batch = decide_autoencoder_batch(standin, patch.value, pixel_channels, target, ctx.dataset_voxels)
+    estimate = estimate_autoencoder_vram_gib(standin, patch.value, batch.value, pixel_channels)
+    decode_voxels = AUTOENCODER_DECODE_HEADROOM * math.prod(patch.value) * batch.value
+    latent_shape = [max(1, math.ceil(m / f)) for m, f in zip(median_shape, factors)]
+    block = {
+        "downsampling_factors": factors,
+        "latent_channels": latent_channels,
+        "latent_spacing": [s * f for s, f in zip(spacing, factors)],
+        "latent_median_shape": latent_shape,
+        "base_channels": base,
+        "channel_multipliers": multipliers,
+        "num_res_blocks": num_res_blocks,
+        "kl_weight": AUTOENCODER_KL_WEIGHT,
+        "ssim_weight": AUTOENCODER_SSIM_WEIGHT,
+        "adversarial": False,
+        "vq": False,
+        "patch_size": patch.value,
+        "batch_size": batch.value,
+        "estimated_vram_gib": round(estimate, 3),
+        "max_decode_voxels": int(decode_voxels),
+        "training": {"num_epochs": AUTOENCODER_NUM_EPOCHS},
+    }
+    reasons = {
+        "autoencoder.architecture": (
+            f"KL autoencoder, {len(multipliers)} levels (one per halving of the per-level strides "
+            f"{strides}), base {base} channels × {multipliers} ({dims}D: {'as Stable Diffusion' if dims == 2 else 'MONAI 3D latent-diffusion tutorial scale, 3D activations are Z× larger'}), "
+            f"{num_res_blocks} residual block(s) per level, no attention (keeps memory low at full resolution)"),
+        "autoencoder.patch_size": patch.reason,
+        "autoencoder.batch_size": batch.reason,
+        "autoencoder.estimated_vram_gib": f"{fmt_gib(estimate)} at patch {fmt_shape(patch.value)}, batch "
+                                          f"{batch.value} (conservative stand-in estimate, see patch_size)",
+        "autoencoder.training": (f"{AUTOENCODER_NUM_EPOCHS} epochs (a quarter of the diffusion model's default 400): "
+                                 "a reconstruction loss has one target per input rather than one per noise level and "
+                                 "plateaus sooner; check the held-out reconstruction PSNR and extend with an "
+                                 "inherits_from configuration if it still improves"),
+        "autoencoder.losses": (f"L1 + {fmt_num(AUTOENCODER_SSIM_WEIGHT)}·(1 − SSIM) + {AUTOENCODER_KL_WEIGHT:g}·KL "
+                               "(a small KL keeps latents near N(0, I) without blurring, Rombach et al. 2022); "
+                               "no adversarial loss by default (switch on with adversarial: true), no VQ"),
+        "autoencoder.max_decode_voxels": (
+            f"{AUTOENCODER_DECODE_HEADROOM} × patch {fmt_shape(patch.value)} × batch {batch.value} = "
+            f"{decode_voxels:.3g} output voxels: decoding without gradients keeps no activations for a backward "
+            "pass, so a decode this large fits in the training step's memory; larger outputs are decoded in "
+            "sliding windows"),
+    }
+    return block, reasons
 
 
 def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing: list[float],
                               median_shape: list[int], latent_reason: str) -> dict[str, Any]:
     """A latent-diffusion configuration derived from pixel configuration ``source``: the diffusion
-    UNet runs on autoencoder latents (median shape / f, LATENT_MIN_CHANNELS+ channels); planned with
-    the same patch/batch/network rules, marked not trainable until the latent stage exists."""
+    UNet runs on autoencoder latents (median shape / f, LATENT_MIN_CHANNELS+ channels), planned with
+    the same patch/batch/network rules; the ``autoencoder`` block plans the first stage
+    (:func:`plan_autoencoder_block`). Trainable: the latent trainer trains the autoencoder of a
+    fold first, then the diffusion model on its cached latents."""
     factors = latent_factors(median_shape, spacing)
     pixel = ctx.channels.value
     lc = max(LATENT_MIN_CHANNELS, pixel.in_channels)
@@ -204,11 +382,16 @@ def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing:
     config["median_image_size_in_voxels"] = list(median_shape)
     resampling = decide_resampling(spacing)  # the pixel data are resampled as for the source
     config["resampling"] = resampling.value
-    config["autoencoder"] = {"downsampling_factors": factors, "latent_channels": lc,
-                             "latent_spacing": latent_spacing, "latent_median_shape": latent_shape}
-    config["trainable"] = False
-    config["status"] = PLANNED_NOT_TRAINABLE
+    autoencoder, ae_reasons = plan_autoencoder_block(ctx, median_shape, spacing, lc)
+    config["autoencoder"] = autoencoder
+    # Latents × scale factor have unit variance but no bound; rotating / zooming a latent grid is not
+    # the latent of a rotated image (the encoder is not equivariant) → no clipping, no augmentation.
+    config["diffusion"]["clip_x0"] = None
+    config["training"] = {"augmentation": "none"}
+    config["trainable"] = True
+    config["status"] = LATENT_TRAINABLE
     reasons = config["reasons"]
+    reasons.update(ae_reasons)
     reasons["resampling"] = resampling.reason
     reasons["spacing"] = (f"same preprocessed data as '{source}' ({fmt_spacing(spacing)}); the autoencoder "
                           f"encodes it to {fmt_spacing(latent_spacing)}")
@@ -218,6 +401,16 @@ def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing:
                               f"spacing-aware → factors {fmt_shape(factors)}; {lc} latent channels "
                               f"(≥ {LATENT_MIN_CHANNELS} and ≥ the {pixel.in_channels} diffused channel(s))")
     reasons["patch_size"] = "in latent voxels: " + reasons["patch_size"]
-    reasons["trainable"] = f"{latent_reason}; the autoencoder stage is a later issue → trainable false"
-    reasons["status"] = f"{PLANNED_NOT_TRAINABLE}: latent patch {fmt_shape(config['patch_size'])} planned for later"
+    reasons["diffusion.clip_x0"] = ("latents × scale factor (1/std of the training latents) have unit variance "
+                                    "but no bound → no x0 clipping")
+    reasons["training"] = ("augmentation none (0 % of latent patches rotated or zoomed, pixel configurations: 20 %): "
+                           "a rotated or zoomed latent grid is not the latent of a rotated image (the encoder is "
+                           "not equivariant), and unaugmented latents can be encoded once and cached")
+    reasons["trainable"] = (f"{latent_reason}; two stages per fold: the autoencoder (block 'autoencoder') on "
+                            f"'{source}' data, then the diffusion UNet on its latents → trainable "
+                            f"(diffusion estimate {fmt_num(config['estimated_vram_gib'])} GiB, autoencoder "
+                            f"{fmt_num(autoencoder['estimated_vram_gib'])} GiB)")
+    reasons["status"] = (f"{LATENT_TRAINABLE}: autoencoder patch {fmt_shape(autoencoder['patch_size'])} batch "
+                         f"{autoencoder['batch_size']}, latent patch {fmt_shape(config['patch_size'])} batch "
+                         f"{config['batch_size']}")
     return config

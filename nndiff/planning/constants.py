@@ -60,6 +60,29 @@ LATENT_LARGE_IMAGE_VOXELS = {2: 1024 * 1024, 3: 256 * 256 * 256}
 #: f=4 in 3D (3D medical LDMs keep more detail per latent voxel).
 LATENT_DOWNSAMPLING = {2: 8, 3: 4}
 LATENT_MIN_CHANNELS = 4
+#: Autoencoder width of level 0: 64 in 2D, 32 in 3D (MONAI's 3D brain latent-diffusion tutorial
+#: uses 32-64-64; 3D activations cost a factor Z more memory per patch side).
+AUTOENCODER_BASE_CHANNELS = {2: 64, 3: 32}
+#: Channel multiplier of autoencoder level l is min(2**l, AUTOENCODER_MAX_CHANNEL_MULT[dims]).
+AUTOENCODER_MAX_CHANNEL_MULT = {2: 4, 3: 2}
+#: Residual blocks per autoencoder level: 2 in 2D (Stable Diffusion's KL autoencoder), 1 in 3D
+#: (halves the activations kept per level; MONAI's 3D tutorial uses 1).
+AUTOENCODER_NUM_RES_BLOCKS = {2: 2, 3: 1}
+#: Loss weights of the autoencoder stage (L1 + ssim_weight (1 - SSIM) + kl_weight KL): a small KL
+#: keeps the latent close to N(0, I) without blurring (Rombach et al. 2022 use ~1e-6 per element).
+AUTOENCODER_KL_WEIGHT = 1e-6
+AUTOENCODER_SSIM_WEIGHT = 0.5
+#: The autoencoder trains this many epochs (of the trainer's iterations per epoch): a quarter of the
+#: diffusion model's default 400 — a reconstruction loss has one target per input, not one per noise
+#: level, and plateaus much sooner.
+AUTOENCODER_NUM_EPOCHS = 100
+#: Full-resolution fp32 tensors per voxel and image channel that the autoencoder loss keeps (input,
+#: reconstruction, |difference|, SSIM local means / variances / covariance and map), added to the
+#: memory estimate of the UNet-shaped stand-in (see plan_autoencoder_block).
+AUTOENCODER_LOSS_TENSORS = 12
+#: Decoding without gradients keeps no activations for a backward pass: a decode of this many times
+#: the autoencoder's training voxels (patch × batch) fits in what the training step used.
+AUTOENCODER_DECODE_HEADROOM = 4
 
 # --- diffusion ---------------------------------------------------------------------------------
 NUM_TRAIN_TIMESTEPS = 1000
