@@ -296,6 +296,11 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
                            latent_channels: int) -> tuple[dict[str, Any], dict[str, str]]:
     """The ``autoencoder`` block of a latent configuration and its reasons (``autoencoder.<key>``).
 
+    Keys read by ``nndiff.networks.autoencoder.build_autoencoder`` (architecture, losses) and keys
+    only the stages read: ``patch_size``, ``batch_size``, ``training`` (the autoencoder trainer's
+    TrainingSettings overrides), ``estimated_vram_gib``, ``max_decode_voxels`` (the latent trainer
+    and predictor: larger encodes/decodes run in sliding windows).
+
     Architecture (KL autoencoder, GroupNorm–SiLU residual blocks, no attention): one level per
     halving of :func:`latent_strides`, AUTOENCODER_BASE_CHANNELS wide at level 0. Patch and batch
     at the memory target (:func:`decide_autoencoder_patch` / :func:`decide_autoencoder_batch`),
@@ -303,8 +308,9 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
     ``max_decode_voxels`` the predictor uses to switch to sliding-window decoding.
     """
     dims = len(median_shape)
-    strides = latent_strides(median_shape, spacing)
-    factors = shape_divisor(strides, dims)
+    factors = latent_factors(median_shape, spacing)
+    # the autoencoder halves an axis with factor 2**k at its first k levels (networks/autoencoder.py)
+    strides = [[2 if f > 2**level else 1 for f in factors] for level in range(int(math.log2(max(factors))))]
     pixel_channels = ctx.channels.value.in_channels
     base = AUTOENCODER_BASE_CHANNELS[dims]
     multipliers = autoencoder_channel_multipliers(len(strides) + 1, dims)
@@ -317,6 +323,7 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
     decode_voxels = AUTOENCODER_DECODE_HEADROOM * math.prod(patch.value) * batch.value
     latent_shape = [max(1, math.ceil(m / f)) for m, f in zip(median_shape, factors)]
     block = {
+        "in_channels": pixel_channels,
         "downsampling_factors": factors,
         "latent_channels": latent_channels,
         "latent_spacing": [s * f for s, f in zip(spacing, factors)],
@@ -335,9 +342,10 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
         "training": {"num_epochs": AUTOENCODER_NUM_EPOCHS},
     }
     reasons = {
+        "autoencoder.in_channels": f"the {pixel_channels} diffused image channel(s) of the pixel configuration",
         "autoencoder.architecture": (
-            f"KL autoencoder, {len(multipliers)} levels (one per halving of the per-level strides "
-            f"{strides}), base {base} channels × {multipliers} ({dims}D: {'as Stable Diffusion' if dims == 2 else 'MONAI 3D latent-diffusion tutorial scale, 3D activations are Z× larger'}), "
+            f"KL autoencoder, {len(multipliers)} levels (per-level strides {strides}: an axis with factor "
+            f"2^k is halved at the first k levels), base {base} channels × {multipliers} ({dims}D: {'as Stable Diffusion' if dims == 2 else 'MONAI 3D latent-diffusion tutorial scale, 3D activations are Z× larger'}), "
             f"{num_res_blocks} residual block(s) per level, no attention (keeps memory low at full resolution)"),
         "autoencoder.patch_size": patch.reason,
         "autoencoder.batch_size": batch.reason,
