@@ -17,7 +17,8 @@ def test_dice_optimal_threshold_known_answer():
     maps = [np.array([[0.1, 0.2], [0.8, 0.9]]), np.array([0.3, 0.85])]
     masks = [np.array([[0, 0], [1, 1]]), np.array([0, 1])]
     threshold, dice = dice_optimal_threshold(maps, masks)
-    assert threshold == pytest.approx(0.8)
+    # Between the last kept value (0.8) and the next smaller one (0.3): '>' and '>=' agree.
+    assert threshold == pytest.approx(0.55)
     assert dice == pytest.approx(1.0)
 
 
@@ -29,16 +30,20 @@ def test_dice_optimal_threshold_matches_brute_force(rng):
     brute = max(_dice(pooled_map >= t, pooled_mask) for t in np.unique(pooled_map))
     assert dice == pytest.approx(brute)
     assert _dice(pooled_map >= threshold, pooled_mask) == pytest.approx(dice)
+    assert _dice(pooled_map > threshold, pooled_mask) == pytest.approx(dice)
     assert 0 < dice < 1
 
 
 def test_dice_optimal_threshold_ties_and_empty_masks():
     # Tied values are predicted together: {0.5, 0.5} with one lesion -> Dice 2/3 at 0.5, not 1.
     threshold, dice = dice_optimal_threshold([np.array([0.5, 0.5, 0.1])], [np.array([1, 0, 0])])
-    assert (threshold, dice) == (pytest.approx(0.5), pytest.approx(2 / 3))
+    assert (threshold, dice) == (pytest.approx(0.3), pytest.approx(2 / 3))
     # No lesion anywhere: the empty prediction (threshold above the maximum) is perfect.
     threshold, dice = dice_optimal_threshold([np.array([0.2, 0.7])], [np.zeros(2)])
     assert threshold > 0.7 and dice == 1.0
+    # Everything is lesion: the threshold falls below the smallest value.
+    threshold, dice = dice_optimal_threshold([np.array([0.2, 0.7])], [np.ones(2)])
+    assert threshold < 0.2 and dice == 1.0
 
 
 def test_dice_optimal_threshold_bad_input():
