@@ -11,12 +11,16 @@ Conventions (documentation/anomaly_detection.md, "Evaluation"):
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
-from nndiff.errors import NnDiffError
+from nndiff.errors import DatasetError, NnDiffError
+from nndiff.evaluation.folders import ImageFolder, load_image_folder
+from nndiff.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -261,3 +265,275 @@ def zscore_map(image: np.ndarray, stats: ZScoreStats) -> np.ndarray:
         shape = (-1,) + (1,) * (normalized.ndim - 1)
         mean, std = stats.mean.reshape(shape), stats.std.reshape(shape)
     return np.abs((normalized - mean) / std).sum(axis=0)
+
+
+# --------------------------------------------------------------------------- one method's table row
+def evaluate_anomaly_maps(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
+                          case_ids: Sequence[str] | None = None, threshold: float | None = None,
+                          predicted_masks: Sequence[np.ndarray] | None = None,
+                          case_score_method: str = "top1_mean", max_voxels: int | None = MAX_VOXELS) -> dict:
+    """Every anomaly metric of one method (a strategy's prediction folder or the baseline).
+
+    The chosen operating point is ``predicted_masks`` (what the predictor wrote) when given, else
+    ``map > threshold``; without either, ``dice_at_threshold`` is ``None``. A case is anomalous when
+    its mask has a foreground voxel. JSON-ready: undefined values are ``None``, never NaN.
+    """
+    case_ids = list(case_ids) if case_ids is not None else [f"case_{i}" for i in range(len(maps))]
+    best_threshold, best_dice = dice_optimal_threshold(maps, masks)
+    if predicted_masks is not None:
+        chosen, source = pooled_dice(predicted_masks, masks), "predicted masks"
+        per_case_chosen = [pooled_dice([p], [m]) for p, m in zip(predicted_masks, masks)]
+    elif threshold is not None:
+        chosen, source = pooled_dice([np.asarray(m) > threshold for m in maps], masks), "threshold"
+        per_case_chosen = [pooled_dice([np.asarray(a) > threshold], [m]) for a, m in zip(maps, masks)]
+    else:
+        chosen, source, per_case_chosen = None, None, [None] * len(maps)
+    scores = [case_score(m, case_score_method) for m in maps]
+    anomalous = [bool(np.any(np.asarray(m) != 0)) for m in masks]
+    return {
+        "pixel_auroc": pixel_auroc(maps, masks, max_voxels),
+        "pixel_auprc": pixel_auprc(maps, masks, max_voxels),
+        "best_dice": best_dice,
+        "best_dice_threshold": best_threshold,
+        "dice_at_threshold": chosen,
+        "threshold": None if threshold is None else float(threshold),
+        "operating_point": source,
+        "case_auroc": case_auroc(scores, anomalous),
+        "metric_per_case": [{"case": c, "anomalous": a, "case_score": s, "dice_at_threshold": d}
+                            for c, a, s, d in zip(case_ids, anomalous, scores, per_case_chosen)],
+    }
+
+
+# --------------------------------------------------------------------------- folders
+#: Where the predictor writes float maps when the dataset's ending stores integers only (PNG...).
+FLOAT_MAP_ENDING = ".nii.gz"
+MASK_SUFFIX = "_mask"
+THRESHOLD_FILE = "anomaly_threshold.json"
+BASELINE_NAME = "zscore_baseline"
+PathLike = Union[str, Path]
+
+
+def read_spatial(path: Path, label: bool = False) -> np.ndarray:
+    """One single-channel file as its spatial array: ``(Y, X)`` for 2D, ``(Z, Y, X)`` for 3D."""
+    from nndiff.dataset.io import read_file, read_label
+
+    array, props = read_label(path) if label else read_file(path)
+    if array.shape[0] != 1:
+        raise DatasetError([(path, f"has {array.shape[0]} channels; expected one",
+                             "write anomaly maps, masks and label maps as single-channel images")])
+    return array[0, 0] if props.spatial_dims == 2 else array[0]
+
+
+def _dataset_facts(dataset_json: PathLike) -> tuple[dict, Path]:
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise DatasetError([(path, "does not exist", "pass -d ID with --raw/nnDiff_raw, or an existing dataset.json")])
+    try:
+        return load_json(path), path.parent
+    except ValueError as error:
+        raise DatasetError([(path, f"is not valid JSON ({error})", "fix the JSON syntax")]) from None
+
+
+def read_reference_masks(reference_dir: PathLike, file_ending: str) -> dict[str, np.ndarray]:
+    """Case id -> reference mask of every ``{case}{ending}`` in ``reference_dir`` (e.g. labelsTs)."""
+    folder = Path(reference_dir)
+    files = sorted(folder.glob(f"*{file_ending}")) if folder.is_dir() else []
+    if not files:
+        raise DatasetError([(folder, f"holds no reference masks ({file_ending})",
+                             "pass the folder of test masks (labelsTs): one {case}" + file_ending + " per case")])
+    return {p.name[: -len(file_ending)]: read_spatial(p, label=True) for p in files}
+
+
+def _map_file(folder: Path, case: str, file_ending: str) -> Path | None:
+    for ending in dict.fromkeys((file_ending, FLOAT_MAP_ENDING)):
+        if (folder / f"{case}{ending}").is_file():
+            return folder / f"{case}{ending}"
+    return None
+
+
+def method_folders(prediction: PathLike | Sequence[PathLike] | Mapping[str, PathLike], cases: Sequence[str],
+                   file_ending: str) -> dict[str, Path]:
+    """Method name -> prediction folder. A mapping is taken as is; a list names each folder by its
+    name; one folder holding no map of the first case but subfolders that do is a folder of
+    strategies (one method per subfolder)."""
+    if isinstance(prediction, Mapping):
+        return {str(k): Path(v) for k, v in prediction.items()}
+    if not isinstance(prediction, (str, Path)):
+        folders = [Path(p) for p in prediction]
+        names = [p.name for p in folders]
+        if len(set(names)) != len(names):
+            raise NnDiffError(f"prediction folders share a name ({', '.join(names)}). Fix: pass a mapping name -> folder")
+        return dict(zip(names, folders))
+    folder = Path(prediction)
+    if folder.is_dir() and cases and _map_file(folder, cases[0], file_ending) is None:
+        subfolders = {p.name: p for p in sorted(folder.iterdir())
+                      if p.is_dir() and _map_file(p, cases[0], file_ending) is not None}
+        if subfolders:
+            return subfolders
+    return {folder.name: folder}
+
+
+def _stored_threshold(folder: Path) -> float | None:
+    """``anomaly_threshold.json`` next to the predictions: ``{"threshold": t}``, or the predictor's
+    ``{"strategies": {name: {"threshold": t}}}`` with the strategy of ``prediction_info.json``."""
+    path = folder / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    content = load_json(path)
+    if "threshold" in content:
+        return float(content["threshold"])
+    info = folder / "prediction_info.json"
+    strategy = load_json(info).get("strategy") if info.is_file() else None
+    entries = content.get("strategies") or {}
+    if strategy is None and len(entries) == 1:
+        strategy = next(iter(entries))
+    entry = entries.get(strategy) if strategy is not None else None
+    return float(entry["threshold"]) if isinstance(entry, Mapping) and "threshold" in entry else None
+
+
+def read_method_folder(folder: Path, cases: Sequence[str], file_ending: str,
+                       masks: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None, float | None]:
+    """``(maps, predicted masks or None, stored threshold or None)`` of one prediction folder; every
+    missing map or shape mismatch is reported at once."""
+    problems, maps = [], []
+    for case in cases:
+        path = _map_file(folder, case, file_ending)
+        if path is None:
+            problems.append((folder / f"{case}{file_ending}", "anomaly map missing",
+                             f"run nndiff_predict on the test images into {folder}, or remove the case's reference mask"))
+            continue
+        amap = read_spatial(path)
+        if amap.shape != masks[case].shape:
+            problems.append((path, f"shape {amap.shape} differs from the reference mask's {masks[case].shape}",
+                             "predict on the images the reference masks belong to (same grid)"))
+        maps.append(amap)
+    if problems:
+        raise DatasetError(problems)
+    mask_files = [folder / f"{case}{MASK_SUFFIX}{file_ending}" for case in cases]
+    predicted = [read_spatial(p) for p in mask_files] if all(p.is_file() for p in mask_files) else None
+    return maps, predicted, _stored_threshold(folder)
+
+
+def _case_ids(folder: ImageFolder) -> list[str]:
+    """Raw-layout case ids of an image folder: where one file is one image the reader keeps the
+    ``_0000`` channel suffix in the identifier (multi-channel identifiers are already case ids)."""
+    return [re.sub(r"_0000$", "", identifier) if len(files) == 1 else identifier
+            for identifier, files in zip(folder.identifiers, folder.files)]
+
+
+def healthy_training_images(training_dir: Path, data: dict, raw_dir: Path | None) -> tuple[list[np.ndarray], int]:
+    """Training images of the healthy cases by the family's healthy rule (metadata.json, then the
+    labelsTr mask, else healthy) and the number of training cases read."""
+    from nndiff.tasks.anomaly import healthy_cases
+
+    names = data.get("channel_names", data.get("modality"))
+    folder = load_image_folder(training_dir, "training", file_ending=data.get("file_ending"),
+                               num_channels=len(names) if isinstance(names, Mapping) else None)
+    ending = folder.file_ending
+    metadata_path = raw_dir / "metadata.json" if raw_dir is not None else None
+    metadata = load_json(metadata_path) if metadata_path is not None and metadata_path.is_file() else None
+
+    def label(case: str) -> np.ndarray | None:
+        path = raw_dir / "labelsTr" / f"{case}{ending}" if raw_dir is not None else None
+        return read_spatial(path, label=True) if path is not None and path.is_file() else None
+
+    cases = _case_ids(folder)
+    healthy = healthy_cases(cases, metadata, label)
+    return [image for case, image in zip(cases, folder.images) if healthy[case]], len(folder.images)
+
+
+def zscore_baseline_maps(test_images: Sequence[np.ndarray], healthy_images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str]:
+    """Baseline maps of the test images and the kind of statistics used: voxel-wise when healthy and
+    test images share one shape (aligned data such as registered slices), else global."""
+    shapes = {np.shape(i) for i in healthy_images} | {np.shape(i) for i in test_images}
+    stats = fit_zscore_baseline(healthy_images, voxelwise=len(shapes) == 1)
+    return [zscore_map(image, stats) for image in test_images], "voxelwise" if stats.voxelwise else "global"
+
+
+def _baseline_images(images_dir: Path | None, cases: Sequence[str], data: dict) -> list[np.ndarray] | str:
+    """Test images of ``cases`` in reference order, or the reason the baseline is skipped."""
+
+    if images_dir is None or not images_dir.is_dir():
+        return f"no test images folder ({images_dir}); pass images_dir (imagesTs) for the z-score baseline"
+    names = data.get("channel_names", data.get("modality"))
+    folder = load_image_folder(images_dir, "test image", file_ending=data.get("file_ending"),
+                               num_channels=len(names) if isinstance(names, Mapping) else None)
+    by_case = dict(zip(_case_ids(folder), folder.images))
+    missing = [case for case in cases if case not in by_case]
+    if missing:
+        raise DatasetError([(images_dir, f"test image(s) missing for {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}",
+                             "pass the images the reference masks belong to (the z-score baseline needs them)")])
+    return [by_case[case] for case in cases]
+
+
+def evaluate_anomaly_folders(reference: PathLike, prediction: PathLike | Sequence[PathLike] | Mapping[str, PathLike], *,
+                             dataset_json: PathLike, images_dir: PathLike | None = None,
+                             training_dir: PathLike | None = None, output_file: PathLike | None = None,
+                             case_score_method: str = "top1_mean", max_voxels: int | None = MAX_VOXELS) -> dict:
+    """Evaluate anomaly-detection predictions and the z-score baseline in one table.
+
+    ``reference``: test masks ``{case}{ending}`` (labelsTs; all-zero = healthy case). ``prediction``:
+    one predictor output folder, several (list or name -> folder), or a folder of strategy
+    subfolders. ``images_dir`` (default imagesTs beside dataset.json) and ``training_dir`` (default
+    imagesTr) feed the baseline; it is skipped, with the reason in ``skipped``, when either is absent.
+    Writes ``output_file`` (JSON) when given and returns the summary.
+    """
+    data, raw_dir = _dataset_facts(dataset_json)
+    ending = data.get("file_ending")
+    if not ending:
+        raise DatasetError([(dataset_json, "has no 'file_ending'", "add the dataset's file ending, e.g. \".nii.gz\"")])
+    masks = read_reference_masks(reference, ending)
+    cases = sorted(masks)
+    reference_masks = [masks[c] for c in cases]
+    methods: dict[str, dict] = {}
+    for name, folder in method_folders(prediction, cases, ending).items():
+        maps, predicted, threshold = read_method_folder(folder, cases, ending, masks)
+        methods[name] = {"folder": str(folder), **evaluate_anomaly_maps(
+            maps, reference_masks, case_ids=cases, threshold=threshold, predicted_masks=predicted,
+            case_score_method=case_score_method, max_voxels=max_voxels)}
+    skipped: dict[str, str] = {}
+    images_dir = Path(images_dir) if images_dir is not None else raw_dir / "imagesTs"
+    training_dir = Path(training_dir) if training_dir is not None else raw_dir / "imagesTr"
+    test_images = _baseline_images(images_dir, cases, data)
+    statistics = None
+    if isinstance(test_images, str):
+        skipped[BASELINE_NAME] = test_images
+    elif not training_dir.is_dir():
+        skipped[BASELINE_NAME] = f"no training images folder ({training_dir}); pass training_dir (imagesTr)"
+    else:
+        healthy, _ = healthy_training_images(training_dir, data, raw_dir)
+        maps, statistics = zscore_baseline_maps(test_images, healthy)
+        methods[BASELINE_NAME] = {"folder": None, "num_healthy_training": len(healthy), **evaluate_anomaly_maps(
+            maps, reference_masks, case_ids=cases, case_score_method=case_score_method, max_voxels=max_voxels)}
+    for reason in skipped.values():
+        logger.info("z-score baseline skipped: %s", reason)
+    summary = {
+        "task": "anomaly_detection",
+        "num_cases": len(cases),
+        "num_anomalous_cases": int(sum(bool(np.any(m != 0)) for m in reference_masks)),
+        "settings": {"reference": str(reference), "case_score": case_score_method, "case_score_fraction": TOP_FRACTION,
+                     "max_voxels": max_voxels, "images_dir": str(images_dir), "training_dir": str(training_dir),
+                     "baseline_statistics": statistics, "std_floor_fraction": STD_FLOOR_FRACTION},
+        "methods": methods,
+        "skipped": skipped,
+    }
+    if output_file is not None:
+        save_json(summary, output_file)
+    return summary
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_anomaly_table(summary: Mapping) -> str:
+    """Markdown table: one row per method (strategies and the z-score baseline side by side)."""
+    columns = ("pixel_auroc", "pixel_auprc", "best_dice", "dice_at_threshold", "case_auroc")
+    lines = [f"{summary['num_cases']} case(s), {summary['num_anomalous_cases']} with anomalies",
+             "| method | pixel AUROC | pixel AUPRC | best Dice | Dice at threshold | case AUROC |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in summary["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    lines += [f"skipped {name}: {reason}" for name, reason in summary["skipped"].items()]
+    return "\n".join(lines)
