@@ -251,3 +251,11 @@ def test_calibrated_threshold_is_stored_and_used(trained, tmp_path):
     (model_dir / THRESHOLD_FILE).unlink()
     assert calibrate_threshold(predictor, inputs)["method"] == "otsu"
     (model_dir / THRESHOLD_FILE).unlink()
+
+
+def test_registered_for_the_anomaly_diffusion_trainers():
+    from nndiff.inference.registry import PREDICTORS
+
+    assert PREDICTORS["AnomalyDDPMTrainer"] is AnomalyPredictor
+    assert PREDICTORS["AnomalyCDPMTrainer"] is AnomalyCDPMPredictor
+    assert "AnomalyClassifierTrainer" not in PREDICTORS  # a classifier only guides; it predicts nothing
