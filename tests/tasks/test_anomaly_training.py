@@ -26,6 +26,7 @@ from nndiff.utils.files import load_json, save_json
 
 TINY = "tiny"
 TINY_OVERRIDES = {
+    "patch_size": [16, 16],
     "network": {"model_channels": 8, "channel_mult": [1, 2], "strides": [[2, 2]], "num_res_blocks": 1,
                 "attention_levels": [1], "num_head_channels": 8, "norm_groups": 4, "dropout": 0.0},
     "training": {"num_iterations_per_epoch": 2, "num_epochs": 2, "num_val_cases": 4, "warmup_iterations": 1,
@@ -164,10 +165,10 @@ def test_anoddpm_trains_on_healthy_cases_with_simplex_noise_and_resumes(anomaly_
     original = trainer.noise_fn
     trainer.noise_fn = lambda shape, **kw: drawn.append(original(shape, **kw)) or drawn[-1]
     batch = trainer.make_batch({"keys": trainer.train_cases[:2] * 2,
-                                "data": np.zeros((4, 1, 32, 32), np.float32)})
+                                "data": np.zeros((4, 1, 16, 16), np.float32)})
     loss, _ = trainer.compute_loss(trainer.network, batch, train=True)
     noise = drawn[-1]
-    assert torch.isfinite(loss) and noise.shape == (4, 1, 32, 32)
+    assert torch.isfinite(loss) and noise.shape == (4, 1, 16, 16)
     assert torch.allclose(noise.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-5)
     assert not torch.allclose(noise[0], noise[1], atol=1e-3)
 
@@ -192,7 +193,7 @@ def test_cdpm_labels_dropout_checkpoint_and_resume(anomaly_dataset, tmp_path):
     assert trainer.network.config.num_classes == 2
     assert trainer.diffusion.condition_dropout == pytest.approx(0.1)
     keys = sorted(trainer.train_cases)
-    batch = trainer.make_batch({"keys": keys, "data": np.zeros((len(keys), 1, 32, 32), np.float32)})
+    batch = trainer.make_batch({"keys": keys, "data": np.zeros((len(keys), 1, 16, 16), np.float32)})
     expected = [CLASS_MAP["healthy"] if int(k[-3:]) % 2 == 0 else CLASS_MAP["diseased"] for k in keys]
     assert batch["class_labels"].tolist() == expected
 
@@ -204,7 +205,7 @@ def test_cdpm_labels_dropout_checkpoint_and_resume(anomaly_dataset, tmp_path):
     resumed = make_trainer(AnomalyCDPMTrainer, anomaly_dataset, tmp_path / "again")
     resumed.initialize()
     resumed.load_extra_state(extra)  # labels survive a resume
-    assert resumed.make_batch({"keys": keys, "data": np.zeros((len(keys), 1, 32, 32), np.float32)}
+    assert resumed.make_batch({"keys": keys, "data": np.zeros((len(keys), 1, 16, 16), np.float32)}
                               )["class_labels"].tolist() == expected
 
 
