@@ -144,7 +144,7 @@ def choose_threshold(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray] | N
     """``(threshold, method)`` for masks ``map >= threshold``: the Dice-optimal threshold over ``maps``
     against ``masks`` when masks are given, else Otsu's threshold of every map value
     (nndiff.evaluation.anomaly); values without two classes give a threshold above them (empty masks)."""
-    from nndiff.evaluation.anomaly import dice_optimal_threshold, otsu_threshold
+    from nndiff.evaluation.anomaly import dice_optimal_threshold
 
     if not maps:
         raise NnDiffError("no anomaly maps to choose a threshold from. Fix: give validation cases")
