@@ -284,6 +284,9 @@ def build_latent_cache(autoencoder: nn.Module, record: AutoencoderRecord, pixel_
         ratio = int(block["latent_channels"]) / math.prod(int(f) for f in block["downsampling_factors"])
         pixel_bytes = sum((pixel_folder / f"{c}.npz").stat().st_size for c in todo)
         _check_disk_space(folder, pixel_bytes * ratio)
+    for stale in set(known) - set(cases):  # cases no longer preprocessed must not reach the training list
+        for suffix in (".npz", ".json"):
+            (folder / f"{stale}{suffix}").unlink(missing_ok=True)
     started = time.monotonic()
     for case in todo:
         data = load_case(pixel_folder / f"{case}.npz").data
@@ -294,7 +297,7 @@ def build_latent_cache(autoencoder: nn.Module, record: AutoencoderRecord, pixel_
         metadata = load_case_json(pixel_folder, case).get("metadata")
         save_json({"source": str(pixel_folder / f"{case}.npz"), "latent_shape": list(latent.shape),
                    **({"metadata": metadata} if isinstance(metadata, dict) else {})}, folder / f"{case}.json")
-    if todo or not info_path.is_file():
+    if todo or not info_path.is_file() or set(known) != set(cases):
         save_json({"weights_hash": record.weights_hash, "latent_scale_factor": record.scale_factor,
                    "autoencoder": str(record.fold_dir), "pixel_folder": str(pixel_folder),
                    "cases": {c: signatures[c] for c in cases}}, info_path)

@@ -240,3 +240,32 @@ def test_latent_refused_for_other_families(planned):
         LatentDiffusionTrainer(other, TINY, 0, _pre(planned[0]), output_dir=Path("unused"), device="cpu")
     assert latent.latent_trainer_for(plans, _configuration(plans), TINY) == "LatentDiffusionTrainer"
     assert latent.latent_trainer_for(plans, resolve_configuration(plans, "2d"), "2d") is None
+
+
+def test_latent_cache_reuses_unchanged_cases_and_drops_removed_ones(planned, tmp_path):
+    import shutil
+
+    paths, plans = planned
+    record = read_autoencoder_record(_fake_autoencoder_stage(paths, plans, 0, seed=6))
+    config = _configuration(plans)
+    pixel = tmp_path / "pixel"
+    shutil.copytree(_pre(paths) / config["data_identifier"], pixel)
+    ae = latent.load_autoencoder(record, config, torch.device("cpu"))
+
+    def build() -> Path:
+        return latent.build_latent_cache(ae, record, pixel, tmp_path / "cache", config["autoencoder"], 2,
+                                         torch.device("cpu"))
+
+    folder = build()
+    cases = list_cases(folder)
+    stamps = {c: (folder / f"{c}.npz").stat().st_mtime_ns for c in cases}
+    assert cases == list_cases(pixel) and build() == folder
+    assert {c: (folder / f"{c}.npz").stat().st_mtime_ns for c in cases} == stamps  # nothing re-encoded
+    # a re-preprocessed case is re-encoded, a removed one leaves the cache
+    data = np.load(pixel / f"{cases[0]}.npz")
+    np.savez(pixel / f"{cases[0]}.npz", **{k: data[k] for k in data.files})
+    (pixel / f"{cases[1]}.npz").unlink()
+    build()
+    assert (folder / f"{cases[0]}.npz").stat().st_mtime_ns != stamps[cases[0]]
+    assert (folder / f"{cases[2]}.npz").stat().st_mtime_ns == stamps[cases[2]]
+    assert list_cases(folder) == [c for c in cases if c != cases[1]]
