@@ -10,6 +10,9 @@ Naming (documentation/evaluation.md, "Folders"):
 ``.json`` files (sidecars, ``prediction_info.json``) and hidden files are ignored; any other file
 must be a readable image with the folder's single ending. Every problem of a folder is reported
 at once as a :class:`~nndiff.errors.DatasetError` naming the file and the fix.
+
+:func:`evaluate_task_folders` is the folder evaluation of the anomaly-detection and segmentation
+families (nndiff.evaluation.anomaly / .segmentation), one entry point for the command line.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 
 from nndiff.dataset.discovery import visible_files
 from nndiff.dataset.io import NATURAL_ENDINGS, SUPPORTED_ENDINGS, file_ending_of, read_images
-from nndiff.errors import DatasetError
+from nndiff.errors import DatasetError, NnDiffError
 
 logger = logging.getLogger(__name__)
 
@@ -209,3 +212,42 @@ def center_crop_or_pad(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def volume_slices(image: np.ndarray, identifier: str) -> tuple[list[np.ndarray], list[str]]:
     """The z slices ``(C, Y, X)`` of a ``(C, Z, Y, X)`` volume with ids ``ID:zN`` (array axis 0)."""
     return [image[:, z] for z in range(image.shape[1])], [f"{identifier}:z{z}" for z in range(image.shape[1])]
+
+
+# --------------------------------------------------------------------------- family dispatch
+#: Families evaluated by :func:`evaluate_task_folders` (nndiff_evaluate_folder dispatches on dataset.json task).
+TASK_FOLDER_FAMILIES = ("anomaly_detection", "segmentation")
+
+
+def evaluate_task_folders(task: str, reference: str | Path, prediction: str | Path, *, dataset_json: str | Path,
+                          output_file: str | Path | None = None, training_dir: str | Path | None = None,
+                          images_dir: str | Path | None = None,
+                          baseline: str | Path | None = None) -> tuple[dict, str]:
+    """``(summary, markdown table)`` of an anomaly-detection or segmentation prediction folder.
+
+    anomaly_detection: REF = test masks (labelsTs), PRED = the predictor's output folder (or a folder
+    of strategy subfolders); ``training_dir`` / ``images_dir`` feed the z-score baseline (defaults
+    imagesTr / imagesTs beside dataset.json). segmentation: REF = test label maps, PRED = label maps
+    (and ``{case}_uncertainty`` maps); ``baseline`` = the deterministic model's prediction folder.
+    Options of the other family are refused, not ignored.
+    """
+    if task == "anomaly_detection":
+        from nndiff.evaluation.anomaly import evaluate_anomaly_folders, format_anomaly_table
+
+        if baseline is not None:
+            raise NnDiffError("a deterministic baseline folder applies to segmentation datasets only; anomaly "
+                              "detection computes its z-score baseline itself. Fix: drop the baseline folder")
+        summary = evaluate_anomaly_folders(reference, prediction, dataset_json=dataset_json, images_dir=images_dir,
+                                           training_dir=training_dir, output_file=output_file)
+        return summary, format_anomaly_table(summary)
+    if task == "segmentation":
+        from nndiff.evaluation.segmentation import evaluate_segmentation_folders, format_segmentation_table
+
+        if training_dir is not None or images_dir is not None:
+            raise NnDiffError("training/test image folders apply to anomaly detection only (its z-score baseline); "
+                              "segmentation compares label maps. Fix: drop them")
+        summary = evaluate_segmentation_folders(reference, prediction, dataset_json=dataset_json, baseline=baseline,
+                                                output_file=output_file)
+        return summary, format_segmentation_table(summary)
+    raise NnDiffError(f"evaluate_task_folders evaluates {', '.join(TASK_FOLDER_FAMILIES)} datasets, not {task!r}. "
+                      "Fix: use nndiff_evaluate_folder, which dispatches every family")

@@ -209,3 +209,18 @@ def test_folder_evaluation_of_strategy_subfolders_and_missing_map(tmp_path, rng)
     (strategies / "anoddpm" / "ts_2.nii.gz").unlink()
     with pytest.raises(DatasetError, match="ts_2.nii.gz: anomaly map missing"):
         evaluate_anomaly_folders(root / "labelsTs", strategies / "anoddpm", dataset_json=root / "dataset.json")
+
+
+def test_task_folder_dispatch(tmp_path, rng):
+    from nndiff.evaluation.folders import evaluate_task_folders
+
+    root = _anomaly_dataset(tmp_path / "Dataset001_Toy", rng)
+    summary, table = evaluate_task_folders("anomaly_detection", root / "labelsTs", root / "pred",
+                                           dataset_json=root / "dataset.json", output_file=tmp_path / "s.json")
+    assert summary["task"] == "anomaly_detection" and (tmp_path / "s.json").is_file()
+    assert table.splitlines()[3].startswith("| pred |") and "| zscore_baseline |" in table
+    with pytest.raises(NnDiffError, match="segmentation datasets only"):
+        evaluate_task_folders("anomaly_detection", root / "labelsTs", root / "pred",
+                              dataset_json=root / "dataset.json", baseline=root / "pred")
+    with pytest.raises(NnDiffError, match="not 'generation'"):
+        evaluate_task_folders("generation", root / "labelsTs", root / "pred", dataset_json=root / "dataset.json")

@@ -148,3 +148,18 @@ def test_folder_evaluation_bad_inputs(tmp_path):
     (root / "diffusion" / "c1.nii.gz").unlink()
     with pytest.raises(DatasetError, match="c1.nii.gz: predicted label map missing"):
         evaluate_segmentation_folders(root / "labelsTs", root / "diffusion", dataset_json=root / "dataset.json")
+
+
+def test_task_folder_dispatch(tmp_path):
+    from nndiff.evaluation.folders import evaluate_task_folders
+
+    root = _segmentation_folders(tmp_path / "Dataset002_Seg")
+    summary, table = evaluate_task_folders("segmentation", root / "labelsTs", root / "diffusion",
+                                           dataset_json=root / "dataset.json", baseline=root / "deterministic")
+    assert summary["task"] == "segmentation" and table == summary["comparison"]
+    summary, table = evaluate_task_folders("segmentation", root / "labelsTs", root / "deterministic",
+                                           dataset_json=root / "dataset.json")
+    assert "| 2 | 0.6667 | 2.00 |" in table and "uncertainty AUROC: 1.0000" in table
+    with pytest.raises(NnDiffError, match="anomaly detection only"):
+        evaluate_task_folders("segmentation", root / "labelsTs", root / "diffusion",
+                              dataset_json=root / "dataset.json", training_dir=root)
