@@ -223,8 +223,13 @@ def _read_label_map(path: Path, allowed: set[int], role: str) -> tuple[np.ndarra
     return spatial, spacing
 
 
+#: Float endings a predictor may use for the uncertainty map when the dataset's ending stores integers only.
+UNCERTAINTY_FALLBACK_ENDINGS = (".npy", FLOAT_MAP_ENDING)
+
+
 def _uncertainty_file(folder: Path, case: str, ending: str) -> Path | None:
-    for candidate in dict.fromkeys((ending, FLOAT_MAP_ENDING)):
+    """``{case}_uncertainty`` with the dataset's ending, else a float fallback (``.npy``, ``.nii.gz``)."""
+    for candidate in dict.fromkeys((ending, *UNCERTAINTY_FALLBACK_ENDINGS)):
         path = folder / f"{case}{UNCERTAINTY_SUFFIX}{candidate}"
         if path.is_file():
             return path

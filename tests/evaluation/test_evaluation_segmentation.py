@@ -101,21 +101,23 @@ def _write(path: Path, array: np.ndarray, spacing=(2.0, 1.0)) -> None:
     write_image(np.asarray(array)[None, None], props, path)
 
 
-def _segmentation_folders(root: Path) -> Path:
+def _segmentation_folders(root: Path, ending: str = ".nii.gz", float_ending: str = ".nii.gz") -> Path:
+    """Two cases with labels 1 and 2; 'diffusion' is perfect, 'deterministic' one row off with an
+    uncertainty map that is high exactly on its errors."""
     for kind in ("labelsTs", "diffusion", "deterministic"):
         (root / kind).mkdir(parents=True)
     json.dump({"name": "Toy", "task": "segmentation", "channel_names": {"0": "T1"},
-               "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2, "file_ending": ".nii.gz"},
+               "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2, "file_ending": ending},
               open(root / "dataset.json", "w"))
     for index in range(2):
         reference = np.zeros((12, 12), np.uint8)
         reference[2:6, 2:6], reference[7:10, 7:10] = 1, 2
-        _write(root / "labelsTs" / f"c{index}.nii.gz", reference)
-        _write(root / "diffusion" / f"c{index}.nii.gz", reference)  # perfect
+        _write(root / "labelsTs" / f"c{index}{ending}", reference)
+        _write(root / "diffusion" / f"c{index}{ending}", reference)  # perfect
         shifted = np.roll(reference, 1, axis=0)  # one row = 2 mm off
-        _write(root / "deterministic" / f"c{index}.nii.gz", shifted)
+        _write(root / "deterministic" / f"c{index}{ending}", shifted)
         error = (shifted != reference).astype(np.float32)
-        _write(root / "deterministic" / f"c{index}_uncertainty.nii.gz", error + 0.1)
+        _write(root / "deterministic" / f"c{index}_uncertainty{float_ending}", error + 0.1)
     return root
 
 
@@ -163,3 +165,10 @@ def test_task_folder_dispatch(tmp_path):
     with pytest.raises(NnDiffError, match="anomaly detection only"):
         evaluate_task_folders("segmentation", root / "labelsTs", root / "diffusion",
                               dataset_json=root / "dataset.json", training_dir=root)
+
+
+def test_png_dataset_with_npy_uncertainty(tmp_path):
+    # The segmentation predictor writes float uncertainty as .npy (with a geometry sidecar) for PNG datasets.
+    root = _segmentation_folders(tmp_path / "Dataset003_Png", ending=".png", float_ending=".npy")
+    summary = evaluate_segmentation_folders(root / "labelsTs", root / "deterministic", dataset_json=root / "dataset.json")
+    assert summary["uncertainty_auroc"] == 1.0 and summary["mean"]["1"]["Dice"] == pytest.approx(0.75)
