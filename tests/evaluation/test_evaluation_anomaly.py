@@ -197,7 +197,8 @@ def test_folder_evaluation_with_baseline(tmp_path, rng):
 def test_folder_evaluation_of_strategy_subfolders_and_missing_map(tmp_path, rng):
     root = _anomaly_dataset(tmp_path / "Dataset001_Toy", rng)
     strategies = tmp_path / "strategies"
-    (root / "pred").rename(strategies / "anoddpm" if strategies.mkdir() is None else None)
+    strategies.mkdir()
+    (root / "pred").rename(strategies / "anoddpm")
     (strategies / "anoddpm" / "ts_0_mask.nii.gz").unlink()  # no masks: the stored threshold is used
     json.dump({"strategies": {"anoddpm": {"threshold": 1.0, "method": "dice"}}},
               open(strategies / "anoddpm" / "anomaly_threshold.json", "w"))
