@@ -362,7 +362,8 @@ def method_folders(prediction: PathLike | Sequence[PathLike] | Mapping[str, Path
         folders = [Path(p) for p in prediction]
         names = [p.name for p in folders]
         if len(set(names)) != len(names):
-            raise NnDiffError(f"prediction folders share a name ({', '.join(names)}). Fix: pass a mapping name -> folder")
+            raise NnDiffError(f"prediction folders share a name ({', '.join(names)}). "
+                              "Fix: pass a mapping name -> folder")
         return dict(zip(names, folders))
     folder = Path(prediction)
     if folder.is_dir() and cases and _map_file(folder, cases[0], file_ending) is None:
@@ -392,7 +393,8 @@ def _stored_threshold(folder: Path) -> float | None:
 
 
 def read_method_folder(folder: Path, cases: Sequence[str], file_ending: str,
-                       masks: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None, float | None]:
+                       masks: Mapping[str, np.ndarray]
+                       ) -> tuple[list[np.ndarray], list[np.ndarray] | None, float | None]:
     """``(maps, predicted masks or None, stored threshold or None)`` of one prediction folder; every
     missing map or shape mismatch is reported at once."""
     problems, maps = [], []
@@ -400,7 +402,8 @@ def read_method_folder(folder: Path, cases: Sequence[str], file_ending: str,
         path = _map_file(folder, case, file_ending)
         if path is None:
             problems.append((folder / f"{case}{file_ending}", "anomaly map missing",
-                             f"run nndiff_predict on the test images into {folder}, or remove the case's reference mask"))
+                             f"run nndiff_predict on the test images into {folder}, "
+                             "or remove the case's reference mask"))
             continue
         amap = read_spatial(path)
         if amap.shape != masks[case].shape:
@@ -442,7 +445,8 @@ def healthy_training_images(training_dir: Path, data: dict, raw_dir: Path | None
     return [image for case, image in zip(cases, folder.images) if healthy[case]], len(folder.images)
 
 
-def zscore_baseline_maps(test_images: Sequence[np.ndarray], healthy_images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str]:
+def zscore_baseline_maps(test_images: Sequence[np.ndarray],
+                         healthy_images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str]:
     """Baseline maps of the test images and the kind of statistics used: voxel-wise when healthy and
     test images share one shape (aligned data such as registered slices), else global."""
     shapes = {np.shape(i) for i in healthy_images} | {np.shape(i) for i in test_images}
