@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from nndiff.dataset import load_dataset, verify_integrity
 from nndiff.dataset.examples import make_example_dataset, properties_2d
 from nndiff.dataset.io import read_images, read_label, write_image
-from nndiff.errors import NnDiffError, PlansError
+from nndiff.errors import DatasetError, NnDiffError, PlansError
 from nndiff.inference import predictor_class_for
 from nndiff.inference.cli import predict_entry
 from nndiff.paths import Paths
@@ -277,6 +278,20 @@ def test_labels_outside_dataset_json_stop_training_with_the_case(shapes_model, t
                                           device="cpu", num_workers=0)
     with pytest.raises(NnDiffError, match=r"case_001.*\[7\] are not declared"):
         trainer.run_training()
+
+
+def test_raw_dataset_label_problems_are_reported_per_file(tmp_path):
+    """A label map with an undeclared value or another geometry than its images: errors naming the file."""
+    raw = _shapes_2d(tmp_path, 85, 3, seed=3, labels=PLAIN_LABELS)
+    bad_value = np.zeros((1, 1, 16, 16), dtype=np.uint8)
+    bad_value[0, 0, 0, 0] = 9
+    write_image(bad_value, properties_2d(shape=(16, 16)), raw / "labelsTr" / "case_001.png")
+    write_image(np.zeros((1, 1, 12, 16), dtype=np.uint8), properties_2d(shape=(12, 16)),
+                raw / "labelsTr" / "case_002.png")
+    with pytest.raises(DatasetError) as err:
+        verify_integrity(load_dataset(raw), full=True)
+    text = str(err.value)
+    assert "case_001.png" in text and "9" in text and "case_002.png" in text and "shape" in text
 
 
 # ----------------------------------------------------------------------------------------------
