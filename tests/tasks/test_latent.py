@@ -269,3 +269,46 @@ def test_latent_cache_reuses_unchanged_cases_and_drops_removed_ones(planned, tmp
     assert (folder / f"{cases[0]}.npz").stat().st_mtime_ns != stamps[cases[0]]
     assert (folder / f"{cases[2]}.npz").stat().st_mtime_ns == stamps[cases[2]]
     assert list_cases(folder) == [c for c in cases if c != cases[1]]
+
+
+def test_3d_latent_train_and_generate_anisotropic_factors(tmp_path, monkeypatch):
+    """3D: volumes padded and encoded with factors 2×4×4, latent patches, samples decoded to full size."""
+    paths = Paths(raw=tmp_path / "raw", preprocessed=tmp_path / "pre", results=tmp_path / "res")
+    make_example_dataset("3d_mr", paths.raw, DATASET_ID + 1)
+    location = locate_dataset(DATASET_ID + 1, paths)
+    extract_fingerprint_step(location)
+    monkeypatch.setattr(configurations, "LATENT_LARGE_IMAGE_VOXELS", {2: 1, 3: 1})
+    plans = plan_step(location)
+    plans["configurations"][TINY] = {
+        "inherits_from": "3d_latent", **TINY_OVERRIDES, "patch_size": [4, 4, 4],
+        "network": {**TINY_OVERRIDES["network"], "strides": [[2, 2, 2]]},
+        "autoencoder": {**TINY_OVERRIDES["autoencoder"], "downsampling_factors": [2, 4, 4],
+                        "patch_size": [16, 16, 16]}}
+    save_json(plans, location.plans_file())
+    preprocess_step(location, configurations=[TINY])
+    plans = load_json(location.plans_file())  # preprocessing recorded the clip fractions
+    config = resolve_configuration(plans, TINY)
+    torch.manual_seed(0)
+    ae = build_autoencoder(network_block(config["autoencoder"]), 1, 3)
+    pixel = location.preprocessed_dir / config["data_identifier"]
+    scale = measure_scale_factor(ae, [load_case(pixel / f"{c}.npz").data for c in list_cases(pixel)[:2]])
+    dataset_results = paths.results / location.name
+    fold_dir = autoencoder_fold_dir(dataset_results, "nnDiffPlans", TINY, 0)
+    fold_dir.mkdir(parents=True)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "ema_weights": ae.state_dict()}, fold_dir / FINAL)
+    save_json({"latent_scale_factor": scale, "weights_hash": weights_sha256(ae.state_dict())},
+              fold_dir / AUTOENCODER_INFO)
+    model_dir = dataset_results / f"LatentDiffusionTrainer__nnDiffPlans__{TINY}"
+    trainer = LatentDiffusionTrainer(plans, TINY, 0, location.preprocessed_dir, output_dir=model_dir / "fold_0",
+                                     device="cpu", num_workers=0)
+    trainer.run_training()
+    shape = load_case(pixel / f"{list_cases(pixel)[0]}.npz").data.shape[1:]
+    latent_shape = load_case(trainer.data_folder / f"{list_cases(pixel)[0]}.npz").data.shape
+    assert latent_shape == (4, *[math.ceil(s / f) for s, f in zip(shape, (2, 4, 4))])
+    predictor = LatentGenerationPredictor.from_model_folder(model_dir, folds=(0,), device="cpu",
+                                                            preprocessed_dir=location.preprocessed_dir)
+    assert predictor.generation_shape("patch") == [8, 16, 16]
+    written = predictor.generate_to_folder(tmp_path / "samples", 1, seed=0, shape="median")
+    image, props = read_images(written)
+    assert image.shape[1:] == tuple(config["median_image_size_in_voxels"]) and np.isfinite(image).all()
+    assert props.spatial_dims == 3
