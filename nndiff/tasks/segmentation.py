@@ -34,13 +34,20 @@ from torch import nn
 from nndiff.diffusion.config import DiffusionConfig, build_noise, build_process
 from nndiff.diffusion.losses import ImportanceTimeSampler, diffusion_loss
 from nndiff.errors import NnDiffError, PlansError
-from nndiff.training import Trainer, per_sample, register_trainer
+from nndiff.tasks.translation import network_model_fn, sample_translation
+from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
+from nndiff.training.data import validation_batches
+from nndiff.training.rng import torch_generator
 from nndiff.utils.files import load_json
 
 logger = logging.getLogger(__name__)
 
 #: dataset.json key of the nnU-Net region order used to rebuild a label map from region channels.
 REGIONS_CLASS_ORDER_KEY = "regions_class_order"
+#: Sample grid: at most this many validation patches, sampled with at most this many steps.
+GRID_CASES = 4
+GRID_SAMPLING_STEPS = 10
+GRID_SEED_OFFSET = 7919
 #: Smoothing of the soft Dice (nnU-Net uses 1e-5 with batch Dice).
 DICE_SMOOTH = 1e-5
 
@@ -156,6 +163,20 @@ def encode_labels(seg: torch.Tensor, scheme: LabelScheme, where: str = "label ma
 def to_signed(masks: torch.Tensor) -> torch.Tensor:
     """{0, 1} channel masks -> the diffused x0 in {-1, 1}."""
     return masks * 2.0 - 1.0
+
+
+def channels_to_picture(x: torch.Tensor) -> torch.Tensor:
+    """Channel maps ``(B, C, H, W)`` -> argmax channel scaled to [-1, 1] ``(B, 1, H, W)``, for grids."""
+    return x.argmax(dim=1, keepdim=True).float() / max(x.shape[1] - 1, 1) * 2 - 1
+
+
+def image_to_picture(images: torch.Tensor) -> torch.Tensor:
+    """First image channel ``(B, 1, H, W)`` min-max scaled to [-1, 1] per image (z-scored data
+    has no fixed range)."""
+    first = images[:, :1].float()
+    low = first.amin(dim=(2, 3), keepdim=True)
+    high = first.amax(dim=(2, 3), keepdim=True)
+    return (first - low) / (high - low).clamp_min(1e-6) * 2 - 1
 
 
 def read_dataset_json(preprocessed_dataset_dir: str | Path) -> dict[str, Any]:
@@ -278,6 +299,37 @@ class SegmentationDiffusionTrainer(_SegmentationMixin, Trainer):
         if train and self.time_sampler is not None:
             self.time_sampler.update(t, losses.detach() / weights.to(losses.dtype))
         return losses.mean(), {}
+
+    # ---- sample grid ----------------------------------------------------------------------------
+    def write_sample_grid(self, epoch: int) -> torch.Tensor | None:
+        """Rows of (image channel 0, sampled mask, reference mask) for the first validation
+        patches (2D only), sampled with the EMA network in few steps: ``samples_epoch_XXXX.png``."""
+        items = self.validation_items[:GRID_CASES]
+        if not items or self.spec.spatial_dims != 2:
+            return None  # 3D patches have no single picture; the validation loss tracks them
+        numpy_batch, _ = next(validation_batches(items, len(items)))
+        batch = self.make_batch(numpy_batch)
+        generator = torch_generator(self.seed + GRID_SEED_OFFSET, self.device)
+        network = self.validation_network
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                samples = sample_translation(network_model_fn(network), self.configuration, batch["data"],
+                                             generator=generator,
+                                             num_steps=min(GRID_SAMPLING_STEPS, self.diffusion.num_sampling_steps))
+        finally:
+            network.train(was_training)
+        rows = torch.stack([image_to_picture(batch["data"]), channels_to_picture(samples),
+                            channels_to_picture(batch["x0"])], dim=1)  # (B, 3, 1, H, W)
+        path = self.output_dir / f"samples_epoch_{epoch:04d}.png"
+        save_image_grid(rows.flatten(0, 1), path, value_range=(-1.0, 1.0), ncols=3)
+        self.log(f"wrote {path.name} ({len(items)} validation patches: image | sampled mask | reference)")
+        return samples
+
+    def on_epoch_end(self, epoch: int, record: Mapping[str, float]) -> None:
+        if self.is_progress_epoch(epoch) or self.iteration >= self.total_iterations:
+            self.write_sample_grid(epoch)
 
     def checkpoint_extra_state(self) -> dict[str, Any]:
         state = super().checkpoint_extra_state()

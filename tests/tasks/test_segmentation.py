@@ -19,6 +19,7 @@ from nndiff.inference.cli import predict_entry
 from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
 from nndiff.tasks.segmentation import (
+    channels_to_picture,
     SegmentationBaselineTrainer,
     SegmentationDiffusionTrainer,
     dice_ce_loss,
@@ -105,6 +106,7 @@ def test_label_scheme_encodes_plain_labels_and_regions():
     onehot = encode_labels(seg, plain)
     assert onehot.shape == (1, 3, 1, 4) and onehot[0, :, 0].argmax(0).tolist() == [0, 1, 2, 2]
     assert to_signed(onehot).unique().tolist() == [-1.0, 1.0]
+    assert channels_to_picture(to_signed(onehot)).flatten().tolist() == [-1.0, 0.0, 1.0, 1.0]  # grid picture
     assert label_map(onehot[0], plain).tolist() == seg[0].tolist()
 
     regions = label_scheme({"labels": REGION_LABELS, "regions_class_order": [1, 2]})
@@ -203,6 +205,10 @@ def test_train_and_predict_writes_label_and_uncertainty_maps(shapes_model, tmp_p
     expected = {"SegmentationDiffusionTrainer": SegmentationPredictor,
                 "SegmentationBaselineTrainer": SegmentationBaselinePredictor}[trainer]
     assert predictor_class_for(trainer) is expected
+    fold = paths.results / shapes_model["pre"].name / f"{trainer}__nnDiffPlans__tiny" / "fold_0"
+    assert load_json(fold / "debug.json")["trainer_class"] == trainer
+    # the diffusion trainer writes a sample grid (image | sampled mask | reference) per progress epoch
+    assert (fold / "samples_epoch_0001.png").is_file() == (trainer == "SegmentationDiffusionTrainer")
     out = tmp_path / "pred"
     assert predict_entry(["-i", str(test / "imagesTs"), "-o", str(out), "-d", "81", "-c", "tiny", "-tr", trainer,
                           "--num_samples", "2", "-device", "cpu", *_roots(paths)]) == 0
