@@ -366,3 +366,8 @@ class SegmentationBaselineTrainer(_SegmentationMixin, Trainer):
                      generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         logits = baseline_logits(network, batch["data"], self.scheme.num_channels)
         return dice_ce_loss(logits, batch["masks"], self.scheme.is_region)
+
+
+# Importing the trainers (the trainer registry imports this module) registers their predictors too,
+# until nndiff.inference.registry.PREDICTOR_MODULES lists nndiff.tasks.segmentation_predictor.
+from nndiff.tasks import segmentation_predictor as _segmentation_predictor  # noqa: E402,F401

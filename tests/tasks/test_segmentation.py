@@ -371,3 +371,14 @@ def test_both_models_learn_the_shapes_and_are_evaluated_side_by_side(tmp_path):
     # 80 CPU iterations: the baseline is near its ceiling (0.97), the diffusion model past chance (0.60)
     assert baseline_dice > 0.85 and diffusion_dice > 0.45, (baseline_dice, diffusion_dice)
     assert summary["uncertainty_auroc"] is not None and "comparison" in summary
+
+
+def test_predictors_are_found_from_the_trainer_names_in_a_fresh_process():
+    """The CLI looks predictors up by trainer name; nothing may rely on this test module's imports."""
+    import subprocess
+    import sys
+
+    code = ("from nndiff.inference import predictor_class_for as f; "
+            "print(f('SegmentationDiffusionTrainer').__name__, f('SegmentationBaselineTrainer').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["SegmentationPredictor", "SegmentationBaselinePredictor"]
