@@ -228,21 +228,25 @@ def dice_ce_loss(logits: torch.Tensor, masks: torch.Tensor, is_region: bool) -> 
 # ----------------------------------------------------------------------------------------------
 # Shared trainer setup
 # ----------------------------------------------------------------------------------------------
-class _SegmentationMixin:
-    """Label scheme and batches with ``masks`` (channel masks of the patch's label map)."""
+class SegmentationTrainerBase(Trainer):
+    """Shared by both segmentation trainers (not registered): the label scheme from the
+    preprocessed dataset.json, checked against the plan's network, and batch label encoding."""
 
-    scheme: LabelScheme
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "network" not in self.configuration:
+            raise PlansError(f"configuration {self.configuration_name!r} has no 'network' block. Fix: re-run planning")
+        self.scheme: LabelScheme = label_scheme(read_dataset_json(self.preprocessed_dataset_dir))
+        check_scheme_channels(self.scheme, self.configuration["network"])
 
-    def _setup_scheme(self) -> None:
-        self.scheme = label_scheme(read_dataset_json(self.preprocessed_dataset_dir))  # type: ignore[attr-defined]
-        check_scheme_channels(self.scheme, self.configuration["network"])  # type: ignore[attr-defined]
-
-    def _masks(self, batch: Mapping[str, Any], out: dict[str, Any]) -> torch.Tensor:
+    def batch_masks(self, batch: Mapping[str, Any], out: Mapping[str, Any]) -> torch.Tensor:
+        """Channel masks ``(B, C, *patch)`` of the batch's label patches (undeclared values: error)."""
         if "seg" not in batch:
-            raise NnDiffError(f"preprocessed cases {', '.join(batch['keys'])} in {self.data_folder} have no 'seg' "  # type: ignore[attr-defined]
+            raise NnDiffError(f"preprocessed cases {', '.join(batch['keys'])} in {self.data_folder} have no 'seg' "
                               "array: segmentation trains on labelsTr. Fix: add labelsTr/ to the raw dataset and "
                               "re-run nndiff_preprocess")
-        return encode_labels(out["seg"], self.scheme, where=f"cases {', '.join(out['keys'])} in {self.data_folder}")  # type: ignore[attr-defined]
+        where = f"cases {', '.join(out['keys'])} in {self.data_folder}"
+        return encode_labels(out["seg"], self.scheme, where=where)
 
     def checkpoint_extra_state(self) -> dict[str, Any]:
         """The label channel layout, so a predictor can check it against its dataset.json."""
@@ -253,7 +257,7 @@ class _SegmentationMixin:
 # The trainers
 # ----------------------------------------------------------------------------------------------
 @register_trainer
-class SegmentationDiffusionTrainer(_SegmentationMixin, Trainer):
+class SegmentationDiffusionTrainer(SegmentationTrainerBase):
     """Diffusion of the one-hot (or region) mask in [-1, 1] conditioned on the image channels.
 
     Loss: ``diffusion_loss`` with the plan's parameterization, weighting and noise type; t uniform
@@ -269,12 +273,11 @@ class SegmentationDiffusionTrainer(_SegmentationMixin, Trainer):
         self.process = build_process(self.diffusion)
         self.noise_fn = build_noise(self.diffusion)
         self.time_sampler = ImportanceTimeSampler(self.process) if self.diffusion.importance_sampling else None
-        self._setup_scheme()
 
     def make_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Base tensors plus ``x0``: the encoded label patch scaled to [-1, 1]."""
         out = super().make_batch(batch)
-        out["x0"] = to_signed(self._masks(batch, out))
+        out["x0"] = to_signed(self.batch_masks(batch, out))
         return out
 
     def _draw_t(self, n: int, generators: Sequence[torch.Generator] | None
@@ -346,20 +349,14 @@ class SegmentationDiffusionTrainer(_SegmentationMixin, Trainer):
 
 
 @register_trainer
-class SegmentationBaselineTrainer(_SegmentationMixin, Trainer):
+class SegmentationBaselineTrainer(SegmentationTrainerBase):
     """Deterministic supervised baseline: the plan's UNet with zero noisy input and t = 0,
     trained with soft Dice + cross-entropy (sigmoid BCE + Dice for regions). Validation loss is
     the same loss on the fixed validation patches (no randomness to fix)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if "network" not in self.configuration:
-            raise PlansError(f"configuration {self.configuration_name!r} has no 'network' block. Fix: re-run planning")
-        self._setup_scheme()
-
     def make_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         out = super().make_batch(batch)
-        out["masks"] = self._masks(batch, out)
+        out["masks"] = self.batch_masks(batch, out)
         return out
 
     def compute_loss(self, network: nn.Module, batch: Mapping[str, Any], *, train: bool,
@@ -370,4 +367,4 @@ class SegmentationBaselineTrainer(_SegmentationMixin, Trainer):
 
 # Importing the trainers (the trainer registry imports this module) registers their predictors too,
 # until nndiff.inference.registry.PREDICTOR_MODULES lists nndiff.tasks.segmentation_predictor.
-from nndiff.tasks import segmentation_predictor as _segmentation_predictor  # noqa: E402,F401
+from nndiff.tasks import segmentation_predictor  # noqa: E402,F401  (registers the predictors)

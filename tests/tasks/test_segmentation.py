@@ -227,7 +227,8 @@ def test_train_and_predict_writes_label_and_uncertainty_maps(shapes_model, tmp_p
 
 
 def test_fusion_options_and_planned_ensemble_size(shapes_model, tmp_path):
-    model_dir = shapes_model["paths"].results / shapes_model["pre"].name / "SegmentationDiffusionTrainer__nnDiffPlans__tiny"
+    results = shapes_model["paths"].results / shapes_model["pre"].name
+    model_dir = results / "SegmentationDiffusionTrainer__nnDiffPlans__tiny"
     default = SegmentationPredictor.from_model_folder(model_dir, device="cpu", preprocessed_dir=shapes_model["pre"])
     assert default.num_samples == load_plans(shapes_model["pre"])["configurations"]["2d"]["sampling"][
         "num_ensemble_samples"]
