@@ -20,6 +20,7 @@ from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
 from nndiff.tasks.segmentation import (
     channels_to_picture,
+    check_scheme_channels,
     SegmentationBaselineTrainer,
     SegmentationDiffusionTrainer,
     dice_ce_loss,
@@ -120,6 +121,8 @@ def test_label_scheme_errors_name_the_problem():
     scheme = label_scheme({"labels": PLAIN_LABELS})
     with pytest.raises(NnDiffError, match=r"cases case_007.*value\(s\) \[5\] are not declared"):
         encode_labels(torch.tensor([[[[0, 5]]]]), scheme, where="cases case_007")
+    with pytest.raises(PlansError, match="in_channels 2 / out_channels 2, but dataset.json labels give 3 channels"):
+        check_scheme_channels(scheme, {"in_channels": 2, "out_channels": 2})
     with pytest.raises(PlansError, match="no single background"):
         label_scheme({"labels": {"a": [1, 2], "b": 2}})
     with pytest.raises(PlansError, match="regions_class_order"):
