@@ -293,13 +293,15 @@ def decide_autoencoder_batch(standin: dict[str, Any], patch: Sequence[int], in_c
 
 
 def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacing: Sequence[float],
-                           latent_channels: int) -> tuple[dict[str, Any], dict[str, str]]:
+                           latent_channels: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """The ``autoencoder`` block of a latent configuration and its reasons (``autoencoder.<key>``).
 
     Keys read by ``nndiff.networks.autoencoder.build_autoencoder`` (architecture, losses) and keys
     only the stages read: ``patch_size``, ``batch_size``, ``training`` (the autoencoder trainer's
-    TrainingSettings overrides), ``estimated_vram_gib``, ``max_decode_voxels`` (the latent trainer
-    and predictor: larger encodes/decodes run in sliding windows).
+    TrainingSettings overrides). Returns ``(block, stage, reasons)``: ``stage`` holds the
+    configuration-level keys ``autoencoder_estimated_vram_gib`` and ``max_decode_voxels`` (the latent
+    trainer and predictor encode/decode larger volumes in sliding windows); they stay outside the
+    block, which ``build_autoencoder`` validates key by key.
 
     Architecture (KL autoencoder, GroupNorm–SiLU residual blocks, no attention): one level per
     halving of :func:`latent_strides`, AUTOENCODER_BASE_CHANNELS wide at level 0. Patch and batch
@@ -337,10 +339,9 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
         "vq": False,
         "patch_size": patch.value,
         "batch_size": batch.value,
-        "estimated_vram_gib": round(estimate, 3),
-        "max_decode_voxels": int(decode_voxels),
         "training": {"num_epochs": AUTOENCODER_NUM_EPOCHS},
     }
+    stage = {"autoencoder_estimated_vram_gib": round(estimate, 3), "max_decode_voxels": int(decode_voxels)}
     reasons = {
         "autoencoder.in_channels": f"the {pixel_channels} diffused image channel(s) of the pixel configuration",
         "autoencoder.architecture": (
@@ -349,7 +350,7 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
             f"{num_res_blocks} residual block(s) per level, no attention (keeps memory low at full resolution)"),
         "autoencoder.patch_size": patch.reason,
         "autoencoder.batch_size": batch.reason,
-        "autoencoder.estimated_vram_gib": f"{fmt_gib(estimate)} at patch {fmt_shape(patch.value)}, batch "
+        "autoencoder_estimated_vram_gib": f"{fmt_gib(estimate)} at patch {fmt_shape(patch.value)}, batch "
                                           f"{batch.value} (conservative stand-in estimate, see patch_size)",
         "autoencoder.training": (f"{AUTOENCODER_NUM_EPOCHS} epochs (a quarter of the diffusion model's default 400): "
                                  "a reconstruction loss has one target per input rather than one per noise level and "
@@ -358,13 +359,13 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
         "autoencoder.losses": (f"L1 + {fmt_num(AUTOENCODER_SSIM_WEIGHT)}·(1 − SSIM) + {AUTOENCODER_KL_WEIGHT:g}·KL "
                                "(a small KL keeps latents near N(0, I) without blurring, Rombach et al. 2022); "
                                "no adversarial loss by default (switch on with adversarial: true), no VQ"),
-        "autoencoder.max_decode_voxels": (
+        "max_decode_voxels": (
             f"{AUTOENCODER_DECODE_HEADROOM} × patch {fmt_shape(patch.value)} × batch {batch.value} = "
             f"{decode_voxels:.3g} output voxels: decoding without gradients keeps no activations for a backward "
             "pass, so a decode this large fits in the training step's memory; larger outputs are decoded in "
             "sliding windows"),
     }
-    return block, reasons
+    return block, stage, reasons
 
 
 def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing: list[float],
@@ -390,8 +391,9 @@ def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing:
     config["median_image_size_in_voxels"] = list(median_shape)
     resampling = decide_resampling(spacing)  # the pixel data are resampled as for the source
     config["resampling"] = resampling.value
-    autoencoder, ae_reasons = plan_autoencoder_block(ctx, median_shape, spacing, lc)
+    autoencoder, stage, ae_reasons = plan_autoencoder_block(ctx, median_shape, spacing, lc)
     config["autoencoder"] = autoencoder
+    config.update(stage)
     # Latents × scale factor have unit variance but no bound; rotating / zooming a latent grid is not
     # the latent of a rotated image (the encoder is not equivariant) → no clipping, no augmentation.
     config["diffusion"]["clip_x0"] = None
@@ -417,7 +419,7 @@ def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing:
     reasons["trainable"] = (f"{latent_reason}; two stages per fold: the autoencoder (block 'autoencoder') on "
                             f"'{source}' data, then the diffusion UNet on its latents → trainable "
                             f"(diffusion estimate {fmt_num(config['estimated_vram_gib'])} GiB, autoencoder "
-                            f"{fmt_num(autoencoder['estimated_vram_gib'])} GiB)")
+                            f"{fmt_num(stage['autoencoder_estimated_vram_gib'])} GiB)")
     reasons["status"] = (f"{LATENT_TRAINABLE}: autoencoder patch {fmt_shape(autoencoder['patch_size'])} batch "
                          f"{autoencoder['batch_size']}, latent patch {fmt_shape(config['patch_size'])} batch "
                          f"{config['batch_size']}")

@@ -41,7 +41,8 @@ from nndiff.utils.files import atomic_path, load_json, save_json
 logger = logging.getLogger(__name__)
 
 AUTOENCODER_TRAINER = "AutoencoderTrainer"
-#: Written by the autoencoder stage into its fold folder: ``latent_scale_factor``, ``weights_hash``.
+#: Written by the autoencoder stage into its fold folder: ``latent_scale_factor`` and the sha256 of the
+#: weights (``weights_sha256``; ``weights_hash`` is read too).
 AUTOENCODER_INFO = "autoencoder.json"
 LATENTS_CACHE = "latents_cache"
 CACHE_INFO = "cache.json"
@@ -109,9 +110,10 @@ def read_autoencoder_record(fold_dir: Path) -> AutoencoderRecord | None:
     if not path.is_file():
         return None
     info = load_json(path)
-    weights_hash, scale = info.get("weights_hash"), info.get("latent_scale_factor")
+    weights_hash = info.get("weights_sha256") or info.get("weights_hash")
+    scale = info.get("latent_scale_factor")
     if not isinstance(weights_hash, str) or not weights_hash:
-        raise NnDiffError(f"{path} has no 'weights_hash'. Fix: retrain the autoencoder stage (delete {fold_dir})")
+        raise NnDiffError(f"{path} has no 'weights_sha256'. Fix: retrain the autoencoder stage (delete {fold_dir})")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise NnDiffError(f"{path}: 'latent_scale_factor' must be a positive number, got {scale!r}. Fix: retrain "
                           f"the autoencoder stage (delete {fold_dir})")
@@ -129,8 +131,8 @@ def check_autoencoder_hash(expected: str, record: AutoencoderRecord, model: str)
 
 
 def network_block(block: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of the plan's ``autoencoder`` block that ``build_autoencoder`` reads (the stage-only
-    planner keys — estimated_vram_gib, max_decode_voxels, training — are left out)."""
+    """The keys of the plan's ``autoencoder`` block that ``build_autoencoder`` accepts (keys a user
+    or a later planner adds for the stages are left out, so loading never fails on them)."""
     from nndiff.networks import autoencoder as ae_module
 
     known = {*ae_module.AUTOENCODER_REQUIRED, *ae_module.AUTOENCODER_DEFAULTS, *ae_module.AUTOENCODER_PASSTHROUGH}
@@ -213,20 +215,32 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, factors: Sequence[in
                       for i in range(z.shape[0])])
 
 
+def decode_limit(configuration: Mapping[str, Any]) -> int:
+    """Output voxels encoded or decoded in one pass: the plan's ``max_decode_voxels`` (default: the
+    autoencoder's training patch voxels × batch, what its training step held with gradients)."""
+    value = configuration.get("max_decode_voxels")
+    if value is not None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlansError(f"max_decode_voxels must be a positive integer, got {value!r}. Fix: re-run planning")
+        return value
+    block = configuration["autoencoder"]
+    return math.prod(int(p) for p in block["patch_size"]) * int(block.get("batch_size", 1))
+
+
 def latent_window(block: Mapping[str, Any]) -> list[int]:
     """Sliding-window size in latents: the autoencoder's training patch divided by the factors."""
     return [max(1, int(p) // int(f)) for p, f in zip(block["patch_size"], block["downsampling_factors"])]
 
 
 def encode_case(autoencoder: nn.Module, data: np.ndarray, block: Mapping[str, Any], spatial_dims: int,
-                scale_factor: float, device: torch.device, slice_batch: int = 8) -> np.ndarray:
+                scale_factor: float, device: torch.device, max_voxels: int, slice_batch: int = 8) -> np.ndarray:
     """Latents × ``scale_factor`` of one preprocessed case ``(C, Z, Y, X)`` → ``(C_lat, Z', Y', X')``.
 
     3D: the volume, padded at its end to multiples of the factors with each channel's minimum (the
     background, as training patches are padded). 2D: each z slice, in batches of ``slice_batch``.
+    Inputs above ``max_voxels`` voxels are encoded in sliding windows of the autoencoder patch.
     """
     factors = [int(f) for f in block["downsampling_factors"]]
-    max_voxels = int(block.get("max_decode_voxels") or 0) or math.prod(block["patch_size"])
     window = latent_window(block)
     x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
     pad = x.reshape(x.shape[0], -1).min(dim=1).values
@@ -260,7 +274,7 @@ def _check_disk_space(folder: Path, needed_bytes: float) -> None:
 
 
 def build_latent_cache(autoencoder: nn.Module, record: AutoencoderRecord, pixel_folder: Path, cache_root: Path,
-                       block: Mapping[str, Any], spatial_dims: int, device: torch.device) -> Path:
+                       block: Mapping[str, Any], spatial_dims: int, device: torch.device, max_voxels: int) -> Path:
     """Encode every case of ``pixel_folder`` into ``cache_root/<hash>/CASE.npz`` (key ``data``) with a
     ``CASE.json`` holding the case's metadata; cases already cached from the same source file are kept.
 
@@ -290,7 +304,7 @@ def build_latent_cache(autoencoder: nn.Module, record: AutoencoderRecord, pixel_
     started = time.monotonic()
     for case in todo:
         data = load_case(pixel_folder / f"{case}.npz").data
-        latent = encode_case(autoencoder, data, block, spatial_dims, record.scale_factor, device)
+        latent = encode_case(autoencoder, data, block, spatial_dims, record.scale_factor, device, max_voxels)
         with atomic_path(folder / f"{case}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, data=latent)
@@ -387,7 +401,7 @@ class LatentDiffusionTrainer(GenerationTrainer):
         assert self.record is not None and self.autoencoder is not None
         self.data_folder = build_latent_cache(self.autoencoder, self.record, self.pixel_folder,
                                               self.latents_cache_root, self.autoencoder_block,
-                                              self.spec.spatial_dims, self.device)
+                                              self.spec.spatial_dims, self.device, decode_limit(self.configuration))
         super().initialize()
 
     def run_training(self, continue_training: bool = False, stop_after_iterations: int | None = None,
@@ -409,8 +423,8 @@ class LatentDiffusionTrainer(GenerationTrainer):
         block = self.autoencoder_block
         with torch.no_grad():
             return decode_latents(self.autoencoder, latents / self.record.scale_factor,
-                                  block["downsampling_factors"], int(block.get("max_decode_voxels") or 0)
-                                  or math.prod(block["patch_size"]), latent_window(block))
+                                  block["downsampling_factors"], decode_limit(self.configuration),
+                                  latent_window(block))
 
     def write_sample_grid(self, epoch: int) -> torch.Tensor:
         """Latents sampled with the EMA network and the planned sampler (few steps), decoded; written as

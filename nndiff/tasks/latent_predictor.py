@@ -3,7 +3,7 @@
 Latents are drawn exactly as :class:`~nndiff.tasks.generation_predictor.GenerationPredictor` draws
 images (planned sampler, fold ensemble, conditions, classifier-free guidance), then divided by the
 fold's ``latent_scale_factor`` and decoded by that fold's autoencoder — whole when the output has at
-most the plan's ``autoencoder.max_decode_voxels`` voxels, else in overlapping sliding windows
+most the plan's ``max_decode_voxels`` voxels, else in overlapping sliding windows
 blended in pixel space. The base writer maps the images back to original units with the plan's
 geometry. See ``documentation/latent.md`` (section *Prediction*).
 """
@@ -27,6 +27,7 @@ from nndiff.tasks.latent import (
     check_autoencoder_hash,
     check_latent_supported,
     decode_latents,
+    decode_limit,
     is_latent_configuration,
     latent_window,
     load_autoencoder,
@@ -116,7 +117,7 @@ class LatentGenerationPredictor(GenerationPredictor):
         windows above ``max_decode_voxels`` output voxels)."""
         if not self.autoencoders:
             raise NnDiffError("no autoencoder loaded. Fix: load the predictor with from_model_folder / from_trained")
-        max_voxels = int(self.block.get("max_decode_voxels") or 0) or math.prod(self.block["patch_size"])
+        max_voxels = decode_limit(self.configuration)
         z = latents / self.records[fold].scale_factor
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                              enabled=self.autocast_dtype is not None):

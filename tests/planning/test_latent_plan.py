@@ -54,10 +54,10 @@ def test_large_3d_latent_configuration_is_trainable_with_an_autoencoder_block(ct
         # the recorded estimate is the estimate of the planned step and fits the budget
         standin = autoencoder_standin_network(3, 1, 32, [1, 2, 2], [[2, 2, 2], [1, 2, 2]], 1)
         estimate = estimate_autoencoder_vram_gib(standin, block["patch_size"], block["batch_size"], 1)
-        assert block["estimated_vram_gib"] == pytest.approx(estimate, abs=1e-3)
+        assert config["autoencoder_estimated_vram_gib"] == pytest.approx(estimate, abs=1e-3)
         assert estimate <= TARGET_UTILIZATION * target
         assert estimate >= 0.5 * TARGET_UTILIZATION * target  # the budget is used, not wasted
-        assert block["max_decode_voxels"] == AUTOENCODER_DECODE_HEADROOM * math.prod(block["patch_size"]) * \
+        assert config["max_decode_voxels"] == AUTOENCODER_DECODE_HEADROOM * math.prod(block["patch_size"]) * \
             block["batch_size"]
         # latent diffusion on unbounded latents, without augmentation
         assert config["diffusion"]["clip_x0"] is None and config["training"] == {"augmentation": "none"}
@@ -65,7 +65,7 @@ def test_large_3d_latent_configuration_is_trainable_with_an_autoencoder_block(ct
 
 def test_autoencoder_patch_grows_with_the_memory_target(ct_plans):
     patches = [math.prod(ct_plans[t]["configurations"]["3d_latent"]["autoencoder"]["patch_size"]) for t in TARGETS]
-    estimates = [ct_plans[t]["configurations"]["3d_latent"]["autoencoder"]["estimated_vram_gib"] for t in TARGETS]
+    estimates = [ct_plans[t]["configurations"]["3d_latent"]["autoencoder_estimated_vram_gib"] for t in TARGETS]
     assert patches[0] < patches[1] < patches[2]
     assert estimates[0] < estimates[1] < estimates[2]
 
@@ -74,22 +74,23 @@ def test_every_autoencoder_decision_has_a_reason_with_its_numbers(ct_plans):
     for target, plan in ct_plans.items():
         reasons = plan["configurations"]["3d_latent"]["reasons"]
         for key in ("autoencoder", "autoencoder.in_channels", "autoencoder.architecture", "autoencoder.patch_size",
-                    "autoencoder.batch_size", "autoencoder.estimated_vram_gib", "autoencoder.training",
-                    "autoencoder.losses", "autoencoder.max_decode_voxels", "training", "diffusion.clip_x0",
+                    "autoencoder.batch_size", "autoencoder_estimated_vram_gib", "autoencoder.training",
+                    "autoencoder.losses", "max_decode_voxels", "training", "diffusion.clip_x0",
                     "trainable", "status"):
             assert key in reasons and _has_number(reasons[key]), (target, key, reasons.get(key))
         assert f"target {int(target)} GiB" in reasons["autoencoder.patch_size"]
         assert "conservative" in reasons["autoencoder.patch_size"]
         assert f"{AUTOENCODER_NUM_EPOCHS} epochs" in reasons["autoencoder.training"]
-        assert "sliding windows" in reasons["autoencoder.max_decode_voxels"]
+        assert "sliding windows" in reasons["max_decode_voxels"]
 
 
 def test_2d_latent_autoencoder_block_for_large_xray():
     plan = plan_experiment(xray_fingerprint(), dataset_json(channel_names={"0": "xray"}), gpu_memory_target_gib=8.0)
-    block = plan["configurations"]["2d_latent"]["autoencoder"]
+    config = plan["configurations"]["2d_latent"]
+    block = config["autoencoder"]
     assert block["downsampling_factors"] == [8, 8]
     assert (block["base_channels"], block["channel_multipliers"], block["num_res_blocks"]) == (64, [1, 2, 4, 4], 2)
-    assert block["estimated_vram_gib"] <= TARGET_UTILIZATION * 8.0
+    assert config["autoencoder_estimated_vram_gib"] <= TARGET_UTILIZATION * 8.0
 
 
 def test_standin_estimate_is_an_upper_bound_of_the_autoencoder_parameters(ct_plans):

@@ -93,7 +93,7 @@ def _fake_autoencoder_stage(paths: Paths, plans: dict, fold: int, seed: int) -> 
     save_checkpoint({"format": CHECKPOINT_FORMAT, "ema_weights": weights, "network_weights": weights,
                      "latent_scale_factor": scale},
                     fold_dir / FINAL)
-    save_json({"latent_scale_factor": scale, "weights_hash": weights_sha256(weights)}, fold_dir / AUTOENCODER_INFO)
+    save_json({"latent_scale_factor": scale, "weights_sha256": weights_sha256(weights)}, fold_dir / AUTOENCODER_INFO)
     return fold_dir
 
 
@@ -119,7 +119,7 @@ def test_encode_case_shapes_2d_slices_and_3d_padding():
              "channel_multipliers": [1, 2, 2], "norm_groups": 4, "patch_size": [8, 16, 16], "in_channels": 1}
     ae = build_autoencoder(network_block(block), 1, 3).eval()
     data = np.random.default_rng(0).normal(size=(1, 7, 15, 16)).astype(np.float32)
-    z = encode_case(ae, data, block, 3, 2.0, torch.device("cpu"))
+    z = encode_case(ae, data, block, 3, 2.0, torch.device("cpu"), 10**6)
     assert z.shape == (4, 4, 4, 4)  # ceil(7/2), ceil(15/4), 16/4
     padded = np.full((1, 8, 16, 16), data.min(), np.float32)
     padded[:, :7, :15] = data
@@ -129,20 +129,20 @@ def test_encode_case_shapes_2d_slices_and_3d_padding():
     block2d = {**block, "downsampling_factors": [4, 4], "patch_size": [16, 16]}
     ae2 = build_autoencoder(network_block(block2d), 1, 2).eval()
     z2 = encode_case(ae2, np.zeros((1, 3, 16, 16), np.float32) + 0.5, block2d, 2, 1.0, torch.device("cpu"),
-                     slice_batch=2)
+                     10**6, slice_batch=2)
     assert z2.shape == (4, 3, 4, 4)
 
 
 def test_sliding_window_encode_used_above_max_decode_voxels(monkeypatch):
     block = {"downsampling_factors": [4, 4], "latent_channels": 4, "base_channels": 8, "channel_multipliers": [1, 2, 2],
-             "norm_groups": 4, "patch_size": [16, 16], "in_channels": 1, "max_decode_voxels": 256}
+             "norm_groups": 4, "patch_size": [16, 16], "in_channels": 1}
     ae = build_autoencoder(network_block(block), 1, 2).eval()
     calls = []
     import nndiff.networks.autoencoder as ae_module
     original = ae_module.sliding_window_encode
     monkeypatch.setattr(ae_module, "sliding_window_encode",
                         lambda *a, **k: calls.append(a[2]) or original(*a, **k))
-    z = encode_case(ae, np.zeros((1, 1, 32, 32), np.float32), block, 2, 1.0, torch.device("cpu"))
+    z = encode_case(ae, np.zeros((1, 1, 32, 32), np.float32), block, 2, 1.0, torch.device("cpu"), 256)
     assert z.shape == (4, 1, 8, 8) and calls == [[16, 16]]  # 32² > 256 voxels → windows of the AE patch
 
 
@@ -219,7 +219,7 @@ def test_latent_generation_round_trip_and_hash_check_at_prediction(planned, tmp_
     # sliding-window decoding when the output exceeds max_decode_voxels: same images within 40 dB
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     whole = predictor.decode(latents, 0)
-    predictor.block["max_decode_voxels"] = 16 * 16
+    predictor.configuration["max_decode_voxels"] = 16 * 16
     windowed = predictor.decode(latents, 0)
     mse = float(((whole - windowed) ** 2).mean())
     peak = float(whole.max() - whole.min())
@@ -254,7 +254,7 @@ def test_latent_cache_reuses_unchanged_cases_and_drops_removed_ones(planned, tmp
 
     def build() -> Path:
         return latent.build_latent_cache(ae, record, pixel, tmp_path / "cache", config["autoencoder"], 2,
-                                         torch.device("cpu"))
+                                         torch.device("cpu"), latent.decode_limit(config))
 
     folder = build()
     cases = list_cases(folder)
