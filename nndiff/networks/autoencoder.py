@@ -38,7 +38,7 @@ AUTOENCODER_DEFAULTS: dict[str, Any] = {
     "kl_weight": 1e-6,
     "ssim_weight": 0.2,
     "adversarial": False,
-    "adversarial_weight": 0.05,
+    "adversarial_weight": 0.01,
     "adversarial_start_fraction": 0.5,
     "vq": False,
     "codebook_size": 256,
@@ -48,7 +48,7 @@ AUTOENCODER_DEFAULTS: dict[str, Any] = {
 AUTOENCODER_REQUIRED = ("downsampling_factors", "latent_channels")
 #: Keys that only the trainer or planner reads (patch, batch, spacing bookkeeping).
 AUTOENCODER_PASSTHROUGH = ("latent_spacing", "latent_median_shape", "patch_size", "batch_size",
-                           "in_channels", "source_configuration")
+                           "in_channels", "source_configuration", "training")
 #: logvar is clamped so exp() cannot overflow in fp16/bf16 (as in LDM's DiagonalGaussian).
 LOGVAR_RANGE = (-30.0, 20.0)
 SCALE_FACTOR_BUFFER = "latent_scale_factor"
@@ -579,7 +579,8 @@ def _blend(run, source: torch.Tensor, window: Sequence[int], overlap: float, sca
         if sums is None:
             sums = [torch.zeros(*o.shape[:2], *out_spatial, device=device, dtype=torch.float32) for o in outputs]
         for total, out in zip(sums, outputs):
-            total[(slice(None), slice(None), *target)] += out[(slice(None), slice(None), *core)].float().to(device) * weights
+            window_core = out[(slice(None), slice(None), *core)].float().to(device)
+            total[(slice(None), slice(None), *target)] += window_core * weights
         norm[target] += weights
     assert sums is not None
     return [total / norm for total in sums]
@@ -644,6 +645,8 @@ def sliding_window_decode(ae: nn.Module, z: torch.Tensor, latent_window: Sequenc
     window = _check_window(latent_window, dims, "latent_window")
     decoder = getattr(ae, "decoder", ae)
     ctx = _resolve_context(context, decoder, dims)
+    if all(w >= n for w, n in zip(window, z.shape[2:])):
+        return ae.decode(z)  # one window holds everything: nothing to blend
     run = lambda w: (ae.decode(w),)  # noqa: E731
     ones = [1] * dims
     if not exact_norm:
@@ -672,6 +675,8 @@ def sliding_window_encode(ae: nn.Module, x: torch.Tensor, pixel_window: Sequence
     if any(w % f for w, f in zip(window, factors)) or any(n % f for n, f in zip(x.shape[2:], factors)):
         raise NnDiffError(f"pixel_window {window} and the image size {tuple(x.shape[2:])} must be multiples of the "
                           f"downsampling factors {factors}. Fix: pad the image / choose another window")
+    if all(w >= n for w, n in zip(window, x.shape[2:])):
+        return tuple(ae.encode(x))  # one window holds everything: nothing to blend
     encoder = getattr(ae, "encoder", ae)
     ctx = _resolve_context(context, encoder, dims, multiple=factors)
     scale = [1.0 / f for f in factors]
