@@ -285,16 +285,17 @@ class AutoencoderTrainer(Trainer):
         opt.zero_grad(set_to_none=True)
         with self.autocast():
             d_loss = hinge_discriminator_loss(disc(real).float(), disc(fake).float())
-        if self.discriminator_scaler is not None:
+        value = float(d_loss.detach())
+        if self.discriminator_scaler is not None:  # fp16: the scaler skips non-finite steps itself
             self.discriminator_scaler.scale(d_loss).backward()
             self.discriminator_scaler.step(opt)
             self.discriminator_scaler.update()
         else:
             d_loss.backward()
-            if math.isfinite(float(d_loss.detach())):
+            if math.isfinite(value):  # a non-finite step would poison D; the autoencoder step already passed
                 opt.step()
         logs = self._epoch_acc["logs"]
-        logs["adv_d"] = logs.get("adv_d", 0.0) + float(d_loss)
+        logs["adv_d"] = logs.get("adv_d", 0.0) + value
 
     def validation_step(self, batch: Mapping[str, Any], generators: Sequence[torch.Generator]) -> dict[str, float]:
         """Validation loss = L1 of the reconstruction (posterior mean / codewords); also PSNR and SSIM."""
