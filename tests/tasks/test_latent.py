@@ -312,3 +312,34 @@ def test_3d_latent_train_and_generate_anisotropic_factors(tmp_path, monkeypatch)
     image, props = read_images(written)
     assert image.shape[1:] == tuple(config["median_image_size_in_voxels"]) and np.isfinite(image).all()
     assert props.spatial_dims == 3
+
+
+def test_plan_train_both_stages_predict(planned, tmp_path):
+    """Round trip through the public API: no autoencoder yet → the latent trainer trains the fold's
+    autoencoder stage (few iterations), then the diffusion model; the predictor writes samples."""
+    from nndiff.training.api import train_fold
+
+    paths, plans = planned
+    results = Paths(raw=paths.raw, preprocessed=paths.preprocessed, results=tmp_path / "results")
+    ae_dir = autoencoder_fold_dir(results.results / _pre(paths).name, "nnDiffPlans", TINY, 0)
+    # a time limit stops the autoencoder stage after one iteration: no diffusion training yet
+    first = train_fold(DATASET_ID, TINY, 0, results, trainer=LatentDiffusionTrainer, device="cpu", num_workers=0,
+                       time_limit_s=0.0)
+    assert (ae_dir / "checkpoint_latest.pth").is_file() and not (ae_dir / AUTOENCODER_INFO).exists()
+    assert first.iteration == 0 and not (first.output_dir / "checkpoint_latest.pth").exists()
+    # the next call finishes the autoencoder stage, then trains the diffusion model
+    trainer = train_fold(DATASET_ID, TINY, 0, results, trainer=LatentDiffusionTrainer, device="cpu", num_workers=0,
+                         continue_training=True)
+    assert trainer.iteration == trainer.total_iterations == 4
+    info = load_json(ae_dir / AUTOENCODER_INFO)
+    ae_state = load_checkpoint(ae_dir / FINAL)
+    assert ae_state["trainer_class"] == "AutoencoderTrainer" and ae_state["iteration"] == 2  # planned tiny length
+    assert math.isfinite(info["latent_scale_factor"]) and info["latent_scale_factor"] > 0
+    extra = load_checkpoint(trainer.output_dir / FINAL)["extra"]["autoencoder"]
+    assert extra["weights_hash"] == info["weights_sha256"]
+    assert extra["latent_scale_factor"] == pytest.approx(info["latent_scale_factor"])
+    predictor = LatentGenerationPredictor.from_trained(DATASET_ID, TINY, results, trainer="LatentDiffusionTrainer",
+                                                       folds=(0,), device="cpu")
+    written = predictor.generate_to_folder(tmp_path / "out", 1, seed=1, shape="median")
+    image, _ = read_images(written)
+    assert image.shape == (1, 1, 32, 32) and np.isfinite(image).all()
