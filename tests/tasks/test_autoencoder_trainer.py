@@ -186,3 +186,16 @@ def test_loss_helpers():
     y = torch.rand(1, 1, 8, 16, 16, requires_grad=True)
     ssim_torch(y, torch.rand(1, 1, 8, 16, 16), torch.ones(1)).sum().backward()
     assert y.grad is not None and float(y.grad.abs().sum()) > 0
+
+
+def test_autoencoder_training_block_sets_the_run_length(datasets, tmp_path):
+    pre = datasets["2d"]
+    plans = load_plans(pre)
+    block = plans["configurations"][LATENT]["autoencoder"]
+    block["training"] = {"num_epochs": 3}
+    assert _trainer(pre, tmp_path, plans).total_iterations == 6       # 3 epochs x 2 iterations
+    assert _trainer(pre, tmp_path, plans, iterations=5).total_iterations == 5   # --iterations still caps
+    del block["patch_size"], block["batch_size"]                      # default: the source's (2d) patch/batch
+    source = plans["configurations"]["2d"]
+    trainer = _trainer(pre, tmp_path, plans)
+    assert list(trainer.spec.patch_size) == source["patch_size"] and trainer.batch_size == source["batch_size"]
