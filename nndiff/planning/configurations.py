@@ -342,11 +342,13 @@ def plan_autoencoder_block(ctx: PlanContext, median_shape: Sequence[int], spacin
         "training": {"num_epochs": AUTOENCODER_NUM_EPOCHS},
     }
     stage = {"autoencoder_estimated_vram_gib": round(estimate, 3), "max_decode_voxels": int(decode_voxels)}
+    width_why = ("as Stable Diffusion's KL autoencoder" if dims == 2 else
+                 "MONAI's 3D latent-diffusion tutorial scale; 3D activations are Z× larger")
     reasons = {
         "autoencoder.in_channels": f"the {pixel_channels} diffused image channel(s) of the pixel configuration",
         "autoencoder.architecture": (
             f"KL autoencoder, {len(multipliers)} levels (per-level strides {strides}: an axis with factor "
-            f"2^k is halved at the first k levels), base {base} channels × {multipliers} ({dims}D: {'as Stable Diffusion' if dims == 2 else 'MONAI 3D latent-diffusion tutorial scale, 3D activations are Z× larger'}), "
+            f"2^k is halved at the first k levels), base {base} channels × {multipliers} ({dims}D: {width_why}), "
             f"{num_res_blocks} residual block(s) per level, no attention (keeps memory low at full resolution)"),
         "autoencoder.patch_size": patch.reason,
         "autoencoder.batch_size": batch.reason,
@@ -407,7 +409,9 @@ def plan_latent_configuration(ctx: PlanContext, name: str, source: str, spacing:
                           f"encodes it to {fmt_spacing(latent_spacing)}")
     reasons["median_image_size_in_voxels"] = (f"pixel median {fmt_shape(median_shape)} → latent "
                                               f"{fmt_shape(latent_shape)}")
-    reasons["autoencoder"] = (f"f = {LATENT_DOWNSAMPLING[len(spacing)]} per axis ({'Stable Diffusion, Rombach et al. 2022' if len(spacing) == 2 else '3D latent diffusion keeps more detail per latent voxel'}), "
+    f_why = ("Stable Diffusion, Rombach et al. 2022" if len(spacing) == 2
+             else "3D latent diffusion keeps more detail per latent voxel")
+    reasons["autoencoder"] = (f"f = {LATENT_DOWNSAMPLING[len(spacing)]} per axis ({f_why}), "
                               f"spacing-aware → factors {fmt_shape(factors)}; {lc} latent channels "
                               f"(≥ {LATENT_MIN_CHANNELS} and ≥ the {pixel.in_channels} diffused channel(s))")
     reasons["patch_size"] = "in latent voxels: " + reasons["patch_size"]

@@ -164,7 +164,8 @@ def load_autoencoder(record: AutoencoderRecord, configuration: Mapping[str, Any]
             network.load_state_dict(weights, strict=True)
         except RuntimeError as err:
             raise NnDiffError(f"the weights in {path} do not fit the autoencoder the plans describe: "
-                              f"{str(err).splitlines()[0]}. Fix: use the plans the autoencoder was trained with") from None
+                              f"{str(err).splitlines()[0]}. Fix: use the plans the autoencoder was trained "
+                              "with") from None
         found.append(weights_sha256(network.state_dict()))
         if found[-1] == record.weights_hash:
             return network.to(device).eval()
