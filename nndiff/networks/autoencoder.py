@@ -340,7 +340,9 @@ class VectorQuantizer(nn.Module):
         channels = z_e.shape[1]
         flat = z_e.movedim(1, -1).reshape(-1, channels).float()
         codebook = self.codebook.weight.float()
-        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
+        # fp32 distances even under autocast: bf16 rounding would pick wrong nearest codewords.
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None])
         indices = distances.argmin(1)
         quantized = codebook[indices].reshape(*z_e.shape[:1], *z_e.shape[2:], channels).movedim(-1, 1)
         quantized = quantized.to(z_e.dtype)
