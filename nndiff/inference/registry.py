@@ -26,6 +26,9 @@ PREDICTOR_MODULES: tuple[str, ...] = (
     "nndiff.tasks.translation_predictor",
     "nndiff.tasks.reconstruction_predictor",
     "nndiff.tasks.denoising_predictor",
+    "nndiff.tasks.anomaly_predictor",
+    "nndiff.tasks.segmentation_predictor",
+    "nndiff.tasks.latent_predictor",
 )
 #: trainer class name -> predictor class.
 PREDICTORS: dict[str, type] = {}

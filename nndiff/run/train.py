@@ -27,12 +27,22 @@ DEFAULT_TRAINERS: dict[str, str] = {
     TaskFamily.TRANSLATION.value: "TranslationTrainer",
     TaskFamily.RECONSTRUCTION.value: "ReconstructionTrainer",
     TaskFamily.DENOISING.value: "DenoisingTrainer",
+    TaskFamily.ANOMALY_DETECTION.value: "AnomalyDDPMTrainer",
+    TaskFamily.SEGMENTATION.value: "SegmentationDiffusionTrainer",
 }
 
 
-def default_trainer(plans: dict) -> str:
-    """The default trainer name for the plans' ``task`` (error names the fix when none exists)."""
+def default_trainer(plans: dict, configuration: str | None = None) -> str:
+    """The default trainer name for the plans' ``task`` (error names the fix when none exists); a
+    latent ``configuration`` gets its family's latent trainer (autoencoder stage, then diffusion)."""
     task = str(plans.get("task", ""))
+    if configuration is not None:
+        from nndiff.planning import resolve_configuration
+        from nndiff.tasks.latent import latent_trainer_for
+
+        latent = latent_trainer_for(plans, resolve_configuration(plans, configuration), configuration)
+        if latent is not None:
+            return latent
     if task in DEFAULT_TRAINERS:
         return DEFAULT_TRAINERS[task]
     known = ", ".join(f"{k} -> {v}" for k, v in DEFAULT_TRAINERS.items())
@@ -102,7 +112,7 @@ def _train_body(argv: Sequence[str] | None) -> None:
     kwargs = _train_kwargs(args)
     paths = paths_from_args(args)
     preprocessed = find_preprocessed_dataset(paths.require("preprocessed"), args.dataset)
-    trainer = args.trainer or default_trainer(load_plans(preprocessed, args.plans))
+    trainer = args.trainer or default_trainer(load_plans(preprocessed, args.plans), args.configuration)
     instance = train_fold(preprocessed.name, args.configuration, args.fold, paths, trainer=trainer,
                           plans_name=args.plans, continue_training=args.continue_training,
                           time_limit_s=args.time_limit, command=_command_line("nndiff_train", argv), **kwargs)
@@ -186,7 +196,7 @@ def _plan_and_train_body(argv: Sequence[str] | None) -> None:
     extract_fingerprint_step(location, args.np, args.verify_dataset_integrity)
     plans = plan_step(location, args.gpu_memory_target, DEFAULT_PLANS)
     configuration = choose_configuration(plans, args.configuration)
-    trainer = args.trainer or default_trainer(plans)
+    trainer = args.trainer or default_trainer(plans, configuration)
     preprocess_step(location, [configuration], args.np, DEFAULT_PLANS)
     if args.explain:
         print(explain(load_json(location.plans_file(DEFAULT_PLANS))))

@@ -16,7 +16,9 @@ from nndiff.diffusion.options import TaskFamily, parse_option
 PlanOverrides = Callable[[dict[str, Any], dict[str, Any]], "dict[str, Any] | None"]
 
 #: family → "module:function" of its plan_overrides (empty until families register).
-PLAN_HOOKS: dict[str, str] = {}
+PLAN_HOOKS: dict[str, str] = {
+    "anomaly_detection": "nndiff.tasks.anomaly:plan_overrides",
+}
 
 
 def plan_hook(task: str | TaskFamily) -> PlanOverrides | None:

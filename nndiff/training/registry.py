@@ -35,6 +35,8 @@ TRAINER_MODULES: tuple[str, ...] = (
     "nndiff.tasks.reconstruction",
     "nndiff.tasks.anomaly",
     "nndiff.tasks.segmentation",
+    "nndiff.tasks.autoencoder",
+    "nndiff.tasks.latent",
 )
 
 T = TypeVar("T", bound=type)
