@@ -151,6 +151,8 @@ class AutoencoderTrainer(Trainer):
     (default: the channels of the preprocessed ``data``).
     """
 
+    handles_latent_configurations = True
+
     def __init__(self, plans: Mapping[str, Any], configuration: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(plans, configuration, *args, **kwargs)
         ae_block = self.configuration.get("autoencoder")

@@ -337,6 +337,8 @@ class LatentDiffusionTrainer(GenerationTrainer):
     to the diffusion stage only).
     """
 
+    handles_latent_configurations = True
+
     def __init__(self, *args: Any, autoencoder_iterations: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_latent_supported(str(self.plans.get("task", "")), self.configuration_name)

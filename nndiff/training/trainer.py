@@ -83,6 +83,10 @@ class Trainer:
     metadata: case -> {key: value}; overrides what is found in the preprocessed folder.
     """
 
+    #: Whether this trainer trains latent configurations (those with an ``autoencoder`` block);
+    #: every other trainer refuses them.
+    handles_latent_configurations: bool = False
+
     def __init__(self, plans: Mapping[str, Any], configuration: str, fold: int | str,
                  preprocessed_dataset_dir: str | Path, results_root: str | Path | None = None, *,
                  output_dir: str | Path | None = None, device: str | torch.device = "auto",
@@ -221,6 +225,11 @@ class Trainer:
         return (epoch + 1) % self.settings.progress_every_epochs == 0
 
     def _refuse_untrainable(self) -> None:
+        if "autoencoder" in self.configuration and not self.handles_latent_configurations:
+            raise PlansError(f"configuration {self.configuration_name!r} is a latent configuration (it has an "
+                             f"'autoencoder' block), which {type(self).__name__} does not train: it would train "
+                             "a pixel-space network on the wrong grid. Fix: drop -tr to use the latent trainer "
+                             "(LatentDiffusionTrainer), or train a pixel configuration (2d / 3d_fullres)")
         if self.configuration.get("trainable", True) is False:
             status = self.configuration.get("status", "not trainable")
             raise PlansError(f"configuration {self.configuration_name!r} cannot be trained: {status}")

@@ -242,6 +242,17 @@ def test_latent_refused_for_other_families(planned):
     assert latent.latent_trainer_for(plans, resolve_configuration(plans, "2d"), "2d") is None
 
 
+def test_pixel_trainers_refuse_latent_configurations(planned):
+    """A pixel-space trainer picked with -tr on a latent configuration stops with the fix."""
+    from nndiff.errors import PlansError
+    from nndiff.tasks.generation import GenerationTrainer
+
+    paths, plans = planned
+    with pytest.raises(PlansError, match="latent configuration.*GenerationTrainer does not train.*LatentDiffusionTrainer"):
+        GenerationTrainer(plans, TINY, 0, _pre(paths), output_dir=Path("unused"), device="cpu")
+    GenerationTrainer(plans, "2d", 0, _pre(paths), output_dir=Path("unused"), device="cpu")  # pixel: accepted
+
+
 def test_latent_cache_reuses_unchanged_cases_and_drops_removed_ones(planned, tmp_path):
     import shutil
 
