@@ -102,6 +102,24 @@ def find_model_dirs(dataset_dir: Path, configurations: Sequence[str] | None = No
     return found
 
 
+#: Trainer of the autoencoder stage of latent models (nndiff.tasks.autoencoder); its fold folders
+#: hold ``autoencoder.json`` (weights hash and latent scale factor) next to the checkpoints.
+AUTOENCODER_TRAINER = "AutoencoderTrainer"
+AUTOENCODER_INFO = "autoencoder.json"
+
+
+def with_autoencoder_stages(model_dirs: Sequence[Path]) -> list[Path]:
+    """``model_dirs`` plus the autoencoder-stage folder of every latent model among them: a latent
+    diffusion model cannot decode without the autoencoder it was trained on."""
+    out = list(model_dirs)
+    for model_dir in model_dirs:
+        name = parse_model_folder_name(model_dir)
+        stage = model_dir.parent / f"{AUTOENCODER_TRAINER}__{name.plans_name}__{name.configuration}"
+        if name.trainer != AUTOENCODER_TRAINER and stage.is_dir() and stage not in out:
+            out.append(stage)
+    return out
+
+
 def _fold_names(model_dir: Path, folds: Sequence[str] | None) -> list[str]:
     present = sorted(p.name[len(FOLD_PREFIX):] for p in model_dir.glob(f"{FOLD_PREFIX}*") if p.is_dir())
     chosen = list(folds) if folds else present
@@ -140,6 +158,8 @@ def model_files(model_dir: Path, folds: Sequence[str] | None, checkpoints: Seque
         fold_entry = _fold_entry(fold_dir, checkpoints, expected_hash)
         for checkpoint in checkpoints:
             files.append(ExportFile(fold_dir / checkpoint, f"{prefix}/{fold_dir.name}/{checkpoint}"))
+        if (fold_dir / AUTOENCODER_INFO).is_file():  # needed to predict, not a log
+            files.append(ExportFile(fold_dir / AUTOENCODER_INFO, f"{prefix}/{fold_dir.name}/{AUTOENCODER_INFO}"))
         if include_logs:
             logs = sorted({p for pattern in LOG_PATTERNS for p in fold_dir.glob(pattern) if p.is_file()})
             files += [ExportFile(p, f"{prefix}/{fold_dir.name}/{p.name}") for p in logs]
@@ -196,8 +216,11 @@ def export_model_to_zip(results_root: str | Path, dataset: str | int, output: st
         preprocessed_dir = None
     files: list[ExportFile] = []
     models = []
-    for model_dir in find_model_dirs(dataset_dir, configurations, trainers, plans_name):
-        model_list, entry = model_files(model_dir, folds, checkpoints, include_logs, preprocessed_dir)
+    for model_dir in with_autoencoder_stages(find_model_dirs(dataset_dir, configurations, trainers, plans_name)):
+        # the latent models load the autoencoder's final checkpoint, whatever -chk exports of theirs
+        stage = parse_model_folder_name(model_dir).trainer == AUTOENCODER_TRAINER
+        model_list, entry = model_files(model_dir, folds, (FINAL,) if stage else checkpoints, include_logs,
+                                        preprocessed_dir)
         files += model_list
         models.append(entry)
     manifest = build_manifest(files, models, dataset_dir.name)

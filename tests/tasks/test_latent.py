@@ -354,3 +354,17 @@ def test_plan_train_both_stages_predict(planned, tmp_path):
     written = predictor.generate_to_folder(tmp_path / "out", 1, seed=1, shape="median")
     image, _ = read_images(written)
     assert image.shape == (1, 1, 32, 32) and np.isfinite(image).all()
+    # export the latent model alone (-tr): its autoencoder stage travels with it, and the installed
+    # copy predicts the same sample
+    from nndiff.run.model_sharing import export_model_to_zip, install_model_from_zip
+
+    manifest = export_model_to_zip(results.results, DATASET_ID, tmp_path / "latent.zip",
+                                   trainers=["LatentDiffusionTrainer"], preprocessed_root=paths.preprocessed)
+    assert sorted(m["trainer"] for m in manifest["models"]) == ["AutoencoderTrainer", "LatentDiffusionTrainer"]
+    installed = Paths(raw=paths.raw, preprocessed=paths.preprocessed, results=tmp_path / "installed")
+    install_model_from_zip(tmp_path / "latent.zip", installed.results)
+    assert (autoencoder_fold_dir(installed.results / _pre(paths).name, "nnDiffPlans", TINY, 0) / AUTOENCODER_INFO).is_file()
+    again = LatentGenerationPredictor.from_trained(DATASET_ID, TINY, installed, trainer="LatentDiffusionTrainer",
+                                                   folds=(0,), device="cpu")
+    copy, _ = read_images(again.generate_to_folder(tmp_path / "out2", 1, seed=1, shape="median"))
+    np.testing.assert_array_equal(copy, image)
