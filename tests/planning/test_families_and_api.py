@@ -104,7 +104,12 @@ def test_anomaly_detection_uses_simplex_noise_and_partial_diffusion():
     plan = plan_experiment(_small_2d("anomaly_detection"), dataset_json("anomaly_detection"))
     d = _only(plan)["diffusion"]
     assert d["noise_type"] == "simplex"
-    assert d["noise_params"] == {"octaves": 6, "persistence": 0.8, "frequency": 64}
+    # the family hook (nndiff.tasks.anomaly.plan_overrides) sizes the simplex field to the patch:
+    # first-octave size = smallest patch side / 4, octaves halve it down to 2 voxels
+    patch = _only(plan)["patch_size"]
+    params = d["noise_params"]
+    assert params["persistence"] == 0.8 and params["frequency"] == min(patch) / 4
+    assert params["frequency"] / 2 ** (params["octaves"] - 1) >= 2 > params["frequency"] / 2 ** params["octaves"]
     assert d["sampler"] == "ddpm" and _only(plan)["sampling"]["start_fraction"] == 0.25
     generation = plan_experiment(_small_2d("generation"), dataset_json("generation"))
     assert _only(generation)["diffusion"]["noise_type"] == "gaussian"
