@@ -108,6 +108,14 @@ class ImportanceTimeSampler:
         self._losses = torch.zeros(self.num_bins, history, dtype=torch.float64)
         self._counts = torch.zeros(self.num_bins, dtype=torch.long)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The loss history, for checkpoints (a resumed run samples times as an uninterrupted one)."""
+        return {"losses": self._losses.clone(), "counts": self._counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._losses.copy_(state["losses"])
+        self._counts.copy_(state["counts"])
+
     @property
     def warmed_up(self) -> bool:
         return bool((self._counts >= self.history).all())

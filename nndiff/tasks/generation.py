@@ -415,8 +415,7 @@ class GenerationTrainer(Trainer):
         """The condition encoding (the predictor needs it) and the importance sampler's history."""
         state: dict[str, Any] = {"conditions": self.conditions.to_dict()}
         if self.time_sampler is not None:
-            state["time_sampler"] = {"losses": self.time_sampler._losses.clone(),
-                                     "counts": self.time_sampler._counts.clone()}
+            state["time_sampler"] = self.time_sampler.state_dict()
         return state
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
@@ -424,5 +423,4 @@ class GenerationTrainer(Trainer):
             self._set_conditions(ConditionEncoder.from_dict(state["conditions"]))
         sampler_state = state.get("time_sampler")
         if self.time_sampler is not None and sampler_state is not None:
-            self.time_sampler._losses.copy_(sampler_state["losses"])
-            self.time_sampler._counts.copy_(sampler_state["counts"])
+            self.time_sampler.load_state_dict(sampler_state)

@@ -337,15 +337,13 @@ class SegmentationDiffusionTrainer(SegmentationTrainerBase):
     def checkpoint_extra_state(self) -> dict[str, Any]:
         state = super().checkpoint_extra_state()
         if self.time_sampler is not None:
-            state["time_sampler"] = {"losses": self.time_sampler._losses.clone(),
-                                     "counts": self.time_sampler._counts.clone()}
+            state["time_sampler"] = self.time_sampler.state_dict()
         return state
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         sampler_state = state.get("time_sampler")
         if self.time_sampler is not None and sampler_state is not None:
-            self.time_sampler._losses.copy_(sampler_state["losses"])
-            self.time_sampler._counts.copy_(sampler_state["counts"])
+            self.time_sampler.load_state_dict(sampler_state)
 
 
 @register_trainer

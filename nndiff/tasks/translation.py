@@ -299,12 +299,10 @@ class TranslationTrainer(Trainer):
         state: dict[str, Any] = {"condition_layout": {"num_images": self.layout.num_images,
                                                       "with_mask": self.layout.with_mask}}
         if self.time_sampler is not None:
-            state["time_sampler"] = {"losses": self.time_sampler._losses.clone(),
-                                     "counts": self.time_sampler._counts.clone()}
+            state["time_sampler"] = self.time_sampler.state_dict()
         return state
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         sampler_state = state.get("time_sampler")
         if self.time_sampler is not None and sampler_state is not None:
-            self.time_sampler._losses.copy_(sampler_state["losses"])
-            self.time_sampler._counts.copy_(sampler_state["counts"])
+            self.time_sampler.load_state_dict(sampler_state)
