@@ -4,9 +4,14 @@ Dispatch on dataset.json's ``task``: generation (default) compares held-out real
 generated samples (PRED), with the memorization check against the training images (Python API
 :func:`nndiff.evaluation.evaluate_generation_folders`, re-exported here for convenience);
 translation compares reference with predicted targets; reconstruction compares the fully sampled
-references with nndiff_predict's reconstructions (and its zero-filled / FBP baseline). Denoising is
-not evaluated here: its protocol degrades clean images and runs the model itself
-(:func:`nndiff.evaluation.denoising.evaluate_denoising`), so the command refuses denoising datasets.
+references with nndiff_predict's reconstructions (and its zero-filled / FBP baseline); anomaly
+detection (REF = test lesion masks, PRED = the anomaly predictor's output folder or a folder of
+strategy folders; z-score baseline from ``--training`` / ``--images``) and segmentation (REF = test
+label maps, PRED = predicted label maps; ``--baseline`` = the deterministic model's predictions side by
+side) go through :func:`nndiff.evaluation.folders.evaluate_task_folders`. Denoising is not evaluated
+here: its protocol degrades clean images and runs the model itself
+(:func:`nndiff.evaluation.denoising.evaluate_denoising`), so the command refuses denoising datasets;
+an unknown ``task`` is refused with the list of known ones.
 """
 from __future__ import annotations
 
@@ -48,14 +53,20 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
             "Reconstruction datasets (task 'reconstruction'): REF holds the fully sampled images, PRED "
             "nndiff_predict's output folder; PSNR, SSIM and NMSE (fastMRI definitions, optional --crop) of the "
             "reconstructions and of the zero-filled / FBP baseline, and the data-consistency residual. "
-            "Denoising datasets are evaluated with the Python API (nndiff.evaluation.denoising."
+            "Anomaly detection datasets (task 'anomaly_detection'): REF holds the test lesion masks, PRED the "
+            "predictor's output folder (or one subfolder per strategy); pixel AUROC/AUPRC, best Dice, Dice at the "
+            "model's threshold and case AUROC, beside the voxel-wise z-score baseline. Segmentation datasets "
+            "(task 'segmentation'): REF holds the test label maps, PRED the predicted label maps (and uncertainty "
+            "maps); Dice and HD95 per label, uncertainty AUROC, and with --baseline the deterministic model "
+            "side by side. Denoising datasets are evaluated with the Python API (nndiff.evaluation.denoising."
             "evaluate_denoising), not here. Writes summary.json and prints a short table."
         ),
     )
     p.add_argument("reference", type=Path, metavar="REF",
-                   help="held-out real images (translation: reference targets; reconstruction: fully sampled images)")
+                   help="held-out real images (translation: reference targets; reconstruction: fully sampled images; "
+                        "anomaly detection: lesion masks; segmentation: label maps)")
     p.add_argument("prediction", type=Path, metavar="PRED",
-                   help="generated samples (translation, reconstruction: nndiff_predict's output folder)")
+                   help="generated samples (other families: nndiff_predict's output folder)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", metavar="ID", help="dataset id or folder name in the raw root (reads its dataset.json)")
     source.add_argument("--dataset_json", type=Path, metavar="FILE", help="a dataset.json instead of -d")
@@ -63,7 +74,8 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
                    help=f"summary file (default PRED/{SUMMARY_FILE})")
     train = p.add_mutually_exclusive_group()
     train.add_argument("--training", type=Path, default=None, metavar="DIR",
-                       help="training images for the memorization check (default: imagesTr beside dataset.json)")
+                       help="training images for the memorization check; anomaly detection: the healthy training "
+                            "images of the z-score baseline (default: imagesTr beside dataset.json)")
     train.add_argument("--no_training", action="store_true", help="skip the memorization check")
     p.add_argument("--feature_extractor", type=Path, default=None, metavar="MODEL",
                    help="TorchScript (.pt) or torch.export (.pt2) model: images (B, C, *spatial) -> features (B, F); "
@@ -81,6 +93,12 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=_positive_int, nargs=2, default=None, metavar=("H", "W"),
                    help="reconstruction datasets only: centre-crop both images to H x W before the metrics "
                         "(fastMRI knee: 320 320; default: no crop)")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="anomaly detection only: the test images of REF's cases, for the z-score baseline "
+                        "(default: imagesTs beside dataset.json)")
+    p.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                   help="segmentation only: the deterministic baseline's prediction folder, evaluated side by side "
+                        "(summary 'deterministic_baseline' and 'comparison')")
     paths = p.add_argument_group("folders (flag > environment variable)")
     paths.add_argument("--raw", default=None, metavar="DIR", help="raw data root (default: $nnDiff_raw)")
     paths.add_argument("--preprocessed", default=None, metavar="DIR",
@@ -165,6 +183,10 @@ def format_table(summary: dict) -> str:
 #: Flags that only mean something for generation evaluation (refused for translation datasets).
 GENERATION_ONLY_FLAGS = ("training", "no_training", "feature_extractor", "max_pairs", "near_copy_ssim",
                          "memorization_candidates", "fingerprint")
+#: Flags of the anomaly-detection and segmentation evaluations (refused for the other families).
+TASK_FOLDER_FLAGS = ("images", "baseline")
+#: dataset.json tasks this command knows (denoising only to refuse it with the API to use).
+KNOWN_TASKS = ("generation", "translation", "reconstruction", "denoising", "anomaly_detection", "segmentation")
 
 
 def refuse_flags(args: argparse.Namespace, names: Sequence[str], dataset_json: Path, task: str,
@@ -185,6 +207,8 @@ def _evaluate_translation(args: argparse.Namespace, dataset_json: Path, output: 
     refuse_flags(args, GENERATION_ONLY_FLAGS, dataset_json, "translation", "generation datasets",
                  "--data_range and -o")
     refuse_flags(args, ("crop",), dataset_json, "translation", "reconstruction datasets", "--data_range and -o")
+    refuse_flags(args, TASK_FOLDER_FLAGS, dataset_json, "translation", "anomaly detection / segmentation datasets",
+                 "--data_range and -o")
 
     summary = evaluate_translation_folders(args.reference, args.prediction, dataset_json=dataset_json,
                                            data_range=args.data_range, output_file=output)
@@ -217,9 +241,40 @@ def _evaluate_reconstruction(args: argparse.Namespace, dataset_json: Path, outpu
 
     refuse_flags(args, (*GENERATION_ONLY_FLAGS, "data_range"), dataset_json, "reconstruction",
                  "generation or translation datasets", "--crop and -o")
+    refuse_flags(args, TASK_FOLDER_FLAGS, dataset_json, "reconstruction", "anomaly detection / segmentation datasets",
+                 "--crop and -o")
     summary = evaluate_reconstruction(args.prediction, args.reference, output_file=output, crop=args.crop)
     print(format_reconstruction_table(summary))
     print(f"summary: {output}")
+
+
+def _evaluate_task_folder(args: argparse.Namespace, dataset_json: Path, task: str, output: Path) -> None:
+    """Anomaly detection and segmentation (nndiff.evaluation.folders.evaluate_task_folders); flags of
+    other families are refused, not ignored."""
+    from nndiff.evaluation.folders import evaluate_task_folders
+
+    if task == "anomaly_detection":
+        own, accepted = ("training", "images"), "--training, --images and -o"
+    else:
+        own, accepted = ("baseline",), "--baseline and -o"
+    for names, applies_to in ((GENERATION_ONLY_FLAGS, "generation datasets"),
+                              (("data_range",), "generation, translation datasets"),
+                              (("crop",), "reconstruction datasets"),
+                              (("training", "images"), "generation / anomaly detection datasets"),
+                              (("baseline",), "segmentation datasets")):
+        refuse_flags(args, [n for n in names if n not in own], dataset_json, task, applies_to, accepted)
+    summary, table = evaluate_task_folders(task, args.reference, args.prediction, dataset_json=dataset_json,
+                                           output_file=output, training_dir=args.training, images_dir=args.images,
+                                           baseline=args.baseline)
+    print(table)
+    for method, reason in (summary.get("skipped") or {}).items():
+        print(f"skipped {method}: {reason}")
+    print(f"summary: {output}")
+
+
+def _refuse_unknown_task(dataset_json: Path, task: object) -> None:
+    raise NnDiffError(f"{dataset_json}: task is {task!r}, which nndiff_evaluate_folder does not know (known: "
+                      f"{', '.join(KNOWN_TASKS)}). Fix: set dataset.json \"task\" to one of them")
 
 
 def _refuse_denoising(dataset_json: Path) -> None:
@@ -244,9 +299,16 @@ def _evaluate_folder_body(argv: Sequence[str] | None) -> None:
     if task == "reconstruction":
         _evaluate_reconstruction(args, dataset_json, output)
         return
+    if task in ("anomaly_detection", "segmentation"):
+        _evaluate_task_folder(args, dataset_json, task, output)
+        return
     if task == "denoising":
         _refuse_denoising(dataset_json)
-    if task in (None, "generation"):  # other tasks are refused by evaluate_generation_folders itself
+    if task is not None and task not in KNOWN_TASKS:
+        _refuse_unknown_task(dataset_json, task)
+    refuse_flags(args, TASK_FOLDER_FLAGS, dataset_json, "generation", "anomaly detection / segmentation datasets",
+                 "the flags of --help except --crop, --images and --baseline")
+    if task in (None, "generation"):  # a missing dataset.json is reported by evaluate_generation_folders
         refuse_flags(args, ("crop",), dataset_json, "generation", "reconstruction datasets",
                      "the flags of --help except --crop")
     summary = evaluate_generation_folders(

@@ -245,9 +245,10 @@ def _break_channels(s):
 
 
 def _break_task(s):
-    _dataset_json(s["root"], task="segmentation")
-    return [s["root"] / "imagesTs", s["pred"]], ["task is 'segmentation'", "generation datasets only",
-                                                 "translation", "\"task\": \"generation\""]
+    # every nnDiff family is dispatched now; a task nnDiff does not know is refused with the list
+    _dataset_json(s["root"], task="registration")
+    return [s["root"] / "imagesTs", s["pred"]], ["task is 'registration'", "does not know",
+                                                 "anomaly_detection, segmentation", "Fix: set dataset.json \"task\""]
 
 
 def _break_extractor(s):
@@ -382,3 +383,53 @@ def test_end_to_end_3d_ct_volumes_and_2d_slices(tmp_path):
         assert metrics["num_real_heldout"] == (3 if dims == 3 else 36)
         assert metrics["intensity_wasserstein1"]["mean"] > 0
         assert summary["settings"]["data_range_source"].startswith(str(location.fingerprint_file))
+
+
+# --------------------------------------------------------------------------- anomaly detection / segmentation dispatch
+def test_anomaly_detection_dataset_is_dispatched(tmp_path, rng, capsys):
+    from test_evaluation_anomaly import _anomaly_dataset
+
+    root = _anomaly_dataset(tmp_path / "Dataset001_Toy", rng)
+    base = [root / "labelsTs", root / "pred", "--dataset_json", root / "dataset.json"]
+    # the z-score baseline's folders given explicitly (their defaults are the same imagesTr / imagesTs)
+    code, out, err = _run([*base, "--training", root / "imagesTr", "--images", root / "imagesTs"], capsys)
+    assert code == 0, err
+    assert "| pred | 1.0000 |" in out and "| zscore_baseline |" in out
+    summary = json.loads((root / "pred" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["task"] == "anomaly_detection" and summary["methods"]["pred"]["dice_at_threshold"] == 1.0
+    assert summary["methods"]["zscore_baseline"]["num_healthy_training"] == 5
+    # a test-image folder without the cases skips the baseline, with the reason printed
+    code, out, err = _run([*base, "--images", tmp_path / "absent", "-o", tmp_path / "s.json"], capsys)
+    assert code == 0, err
+    assert "skipped zscore_baseline" in out and "zscore_baseline" not in json.loads(
+        (tmp_path / "s.json").read_text(encoding="utf-8"))["methods"]
+
+
+def test_segmentation_dataset_is_dispatched_with_the_baseline(tmp_path, capsys):
+    from test_evaluation_segmentation import _segmentation_folders
+
+    root = _segmentation_folders(tmp_path / "Dataset002_Seg")
+    code, out, err = _run([root / "labelsTs", root / "diffusion", "--dataset_json", root / "dataset.json",
+                           "--baseline", root / "deterministic"], capsys)
+    assert code == 0, err
+    summary = json.loads((root / "diffusion" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["task"] == "segmentation" and summary["foreground_mean"]["Dice"] == 1.0
+    assert summary["deterministic_baseline"]["uncertainty_auroc"] == 1.0
+    assert "| 1 | 1.0000 | 0.7500 |" in out  # the side-by-side comparison table
+
+
+@pytest.mark.parametrize("task, extra, expected", [
+    ("anomaly_detection", ["--baseline", "x"], "--baseline only apply to segmentation datasets"),
+    ("anomaly_detection", ["--no_training"], "--no_training only apply to generation datasets"),
+    ("anomaly_detection", ["--crop", "8", "8"], "--crop only apply to reconstruction datasets"),
+    ("segmentation", ["--training", "x"], "--training only apply to generation datasets"),
+    ("segmentation", ["--images", "x"], "--images only apply to generation / anomaly detection datasets"),
+    ("segmentation", ["--data_range", "2"], "--data_range only apply to generation, translation datasets"),
+    ("generation", ["--baseline", "x"], "--baseline only apply to anomaly detection / segmentation datasets"),
+    ("translation", ["--images", "x"], "--images only apply to anomaly detection / segmentation datasets"),
+])
+def test_flags_of_other_families_are_refused(tmp_path, capsys, task, extra, expected):
+    dataset_json = tmp_path / "dataset.json"
+    dataset_json.write_text(json.dumps({"task": task}))
+    code, out, err = _run([tmp_path, tmp_path, "--dataset_json", dataset_json, *extra], capsys)
+    assert code == 2 and expected in err and f"task '{task}'" in err, err
