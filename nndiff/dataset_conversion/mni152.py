@@ -13,8 +13,10 @@ Modes:
 
 Tasks: ``generation`` (T1 images), ``segmentation`` (+ tissue labels), ``translation`` (T1 -> a
 T2-weighted-like contrast computed from the tissue maps, :func:`t2_like_contrast`), ``denoising``
-(clean-only T1; the degradation is simulated in training) and ``reconstruction`` (T1 magnitude
-slices as fully sampled images + single-coil 4x Cartesian MRI acquisition model; 2D only).
+(clean-only T1; the degradation is simulated in training), ``reconstruction`` (T1 magnitude
+slices as fully sampled images + single-coil 4x Cartesian MRI acquisition model; 2D only) and
+``anomaly_detection`` (healthy training slices, a lesioned training slab and a held-out slab with
+synthetic lesions on some of its slices, :func:`insert_lesions`; 2D only).
 
 Held-out split (both modes): one contiguous slab of slices goes to ``imagesTs/``. Adjacent slices
 are near duplicates, so ``gap`` slices on each side of the held-out slab are written nowhere;
@@ -32,7 +34,7 @@ import argparse
 import functools
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,10 +55,11 @@ RESOLUTIONS: tuple[int, ...] = (1, 2)
 #: Task families this converter can write (the others need data the template does not have).
 SUPPORTED_TASKS: tuple[TaskFamily, ...] = (TaskFamily.GENERATION, TaskFamily.SEGMENTATION,
                                             TaskFamily.TRANSLATION, TaskFamily.DENOISING,
-                                            TaskFamily.RECONSTRUCTION)
+                                            TaskFamily.RECONSTRUCTION, TaskFamily.ANOMALY_DETECTION)
 #: Folder name suffix per task (generation has none).
 TASK_SUFFIX: dict[TaskFamily, str] = {TaskFamily.SEGMENTATION: "Seg", TaskFamily.TRANSLATION: "T2like",
-                                      TaskFamily.DENOISING: "Denoise", TaskFamily.RECONSTRUCTION: "Recon"}
+                                      TaskFamily.DENOISING: "Denoise", TaskFamily.RECONSTRUCTION: "Recon",
+                                      TaskFamily.ANOMALY_DETECTION: "Anomaly"}
 #: Relative T2-weighted brightness of each tissue: CSF bright, GM intermediate, WM dark.
 T2_LIKE_WEIGHTS: dict[str, float] = {"CSF": 1.0, "GM": 0.55, "WM": 0.3}
 TARGET_NAME = "T2w-like"
@@ -74,6 +77,25 @@ MIN_SLABS = 5
 #: depth (32 mm at 2 mm); 3D mode therefore gives fewer than MIN_SLABS cases at 2 mm.
 DEFAULT_3D_SLAB_SIZE = 16
 CONVERSION_RECORD = "mni152_conversion.json"
+#: Labels of the anomaly-detection task.
+LESION_LABELS: dict[str, int] = {"background": 0, "lesion": 1}
+#: Synthetic lesion model of the anomaly-detection task (:func:`insert_lesions`), also written to
+#: the conversion record. Blob = ellipse in the slice plane (the 2D section of an ellipsoid).
+LESION_MODEL: dict[str, Any] = {
+    "blobs_per_slice": [1, 3],        # uniform integer, inclusive
+    "semi_axis_mm": [3.0, 10.0],      # each of the two semi-axes uniform in this range; angle uniform
+    "contrast_of_wm": [0.3, 0.6],     # |change| = fraction (uniform) x template WM intensity
+    "sign": "one per slice: hyper- (+) or hypointense (-) with probability 1/2",
+    "edge_sigma_mm": 1.0,             # Gaussian smoothing of the blob's indicator (soft edge)
+    "edge_cutoff": 0.05,              # smoothed weight below this is set to 0: change = mask exactly
+    "brain_margin_sigmas": 2.0,       # centre at least max semi-axis + 2 sigma inside the brain mask
+    "wm_probability": 0.9,            # WM intensity = median T1 where P(WM) > this
+    "clip": [0.0, TEMPLATE_MAX_VALUE],  # the result stays in the 8-bit range (bright WM lesions saturate)
+}
+#: Default share of the kept slices that forms the lesioned training slab (anomaly detection).
+DEFAULT_LESIONED_FRACTION = 0.15
+#: Default share of the held-out slices that get lesions (anomaly detection).
+DEFAULT_TEST_LESION_FRACTION = 0.5
 # NIfTI stores RAS world coordinates, ITK/SimpleITK LPS: x and y change sign.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -107,22 +129,28 @@ class SliceSplit:
     heldout: list[int]
     gap: list[int]
     skipped: list[int]
+    #: Anomaly detection only: training slabs whose slices all get synthetic lesions (``train_slabs``
+    #: then holds the healthy training slices).
+    lesioned_slabs: list[list[int]] = field(default_factory=list)
 
     @property
     def train(self) -> list[int]:
-        """All training slice indices, ascending."""
+        """All healthy (or, outside anomaly detection, all) training slice indices, ascending."""
         return sorted(i for slab in self.train_slabs for i in slab)
 
+    @property
+    def lesioned(self) -> list[int]:
+        """Lesioned training slice indices, ascending (empty outside anomaly detection)."""
+        return sorted(i for slab in self.lesioned_slabs for i in slab)
+
     def min_distance(self) -> int | None:
-        """Smallest |train - heldout| slice distance (None without held-out slices)."""
-        if not self.heldout or not self.train:
-            return None
-        train = np.asarray(self.train)[:, None]
-        return int(np.min(np.abs(train - np.asarray(self.heldout)[None, :])))
+        """Smallest |training - heldout| slice distance over all training slices (None without
+        held-out slices)."""
+        return _min_distance(self.train + self.lesioned, self.heldout)
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON description written to ``mni152_conversion.json``."""
-        return {
+        record = {
             "axis": self.axis,
             "train_slabs": self.train_slabs,
             "heldout": self.heldout,
@@ -130,6 +158,18 @@ class SliceSplit:
             "skipped_little_brain": self.skipped,
             "min_train_heldout_distance": self.min_distance(),
         }
+        if self.lesioned_slabs:
+            record["lesioned_slabs"] = self.lesioned_slabs
+            record["min_lesioned_heldout_distance"] = _min_distance(self.lesioned, self.heldout)
+            record["min_healthy_lesioned_distance"] = _min_distance(self.train, self.lesioned)
+        return record
+
+
+def _min_distance(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Smallest |a_i - b_j| (None when either is empty)."""
+    if not len(a) or not len(b):
+        return None
+    return int(np.min(np.abs(np.asarray(a)[:, None] - np.asarray(b)[None, :])))
 
 
 # --------------------------------------------------------------------------- loading
@@ -232,6 +272,93 @@ def t2_like_contrast(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.nd
     return (TEMPLATE_MAX_VALUE * np.where(brain, np.clip(mixed, 0.0, 1.0), 0.0)).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- synthetic lesions
+
+
+def wm_intensity(vol: Mni152Volumes) -> float:
+    """Typical white-matter T1 value: median of the template where P(WM) > 0.9 (222 in 8-bit units)."""
+    return float(np.median(vol.t1[vol.wm > LESION_MODEL["wm_probability"]]))
+
+
+def _ellipse(shape: tuple[int, int], spacing: tuple[float, float], centre: tuple[int, int],
+             semi_axes: tuple[float, float], angle: float) -> np.ndarray:
+    """Boolean ellipse (in mm, rotated by ``angle`` radians) on a 2D grid of ``spacing`` mm."""
+    rows = (np.arange(shape[0]) - centre[0])[:, None] * spacing[0]
+    cols = (np.arange(shape[1]) - centre[1])[None, :] * spacing[1]
+    u = cols * math.cos(angle) + rows * math.sin(angle)
+    v = -cols * math.sin(angle) + rows * math.cos(angle)
+    return (u / semi_axes[0]) ** 2 + (v / semi_axes[1]) ** 2 <= 1.0
+
+
+def _blob_centre(depth_mm: np.ndarray, semi_axes: tuple[float, float], margin_mm: float,
+                 rng: np.random.Generator) -> tuple[tuple[int, int], tuple[float, float]]:
+    """A random centre deep enough in the brain for the blob and its soft edge.
+
+    Where no voxel is deep enough (a small brain section), the deepest voxel is taken and the
+    semi-axes shrink to fit; the brain mask still bounds the change (:func:`insert_lesions`).
+    """
+    needed = max(semi_axes) + margin_mm
+    candidates = np.argwhere(depth_mm >= needed)
+    if len(candidates):
+        row, col = candidates[rng.integers(len(candidates))]
+        return (int(row), int(col)), semi_axes
+    row, col = np.unravel_index(int(np.argmax(depth_mm)), depth_mm.shape)
+    scale = max(float(depth_mm[row, col]) - margin_mm, 1e-3) / max(semi_axes)
+    return (int(row), int(col)), (semi_axes[0] * scale, semi_axes[1] * scale)
+
+
+def insert_lesions(image: np.ndarray, brain: np.ndarray, spacing: tuple[float, float], wm_value: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Add 1-3 soft-edged elliptical blobs to a 2D slice; returns (image, mask, blob descriptions).
+
+    Lesion model (``LESION_MODEL``): per slice one sign (hyper/hypo), per blob semi-axes 3-10 mm,
+    a random angle, a centre at least max semi-axis + 2 sigma inside the brain mask, and a change
+    of sign * c * ``wm_value`` with c in 0.3-0.6, weighted by the blob's indicator smoothed with a
+    Gaussian of sigma 1 mm; weights below 0.05 are cut to 0 and the weight is 0 outside the brain,
+    so the mask (weight > 0, any blob) is exactly where the image changes. Overlapping blobs add.
+    The result is clipped to 0..255. ``image``/``brain`` are (rows, cols); ``spacing`` in mm.
+    """
+    from scipy import ndimage  # noqa: PLC0415  (only this task needs it)
+
+    model = LESION_MODEL
+    image = np.asarray(image, dtype=np.float32)
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        raise NnDiffError("cannot place a lesion on a slice without brain; the slice split keeps only "
+                          "slices with brain, so this is a bug in the caller")
+    depth_mm = ndimage.distance_transform_edt(brain, sampling=spacing)
+    sigma_mm = float(model["edge_sigma_mm"])
+    margin_mm = float(model["brain_margin_sigmas"]) * sigma_mm
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    change = np.zeros(image.shape, np.float64)
+    mask = np.zeros(image.shape, bool)
+    blobs: list[dict[str, Any]] = []
+    for _ in range(int(rng.integers(model["blobs_per_slice"][0], model["blobs_per_slice"][1] + 1))):
+        semi = (float(rng.uniform(*model["semi_axis_mm"])), float(rng.uniform(*model["semi_axis_mm"])))
+        angle = float(rng.uniform(0.0, math.pi))
+        contrast = float(rng.uniform(*model["contrast_of_wm"]))
+        centre, semi = _blob_centre(depth_mm, semi, margin_mm, rng)
+        indicator = _ellipse(image.shape, spacing, centre, semi, angle).astype(np.float64)
+        weight = ndimage.gaussian_filter(indicator, sigma=[sigma_mm / s for s in spacing], mode="constant")
+        weight = np.where((weight >= model["edge_cutoff"]) & brain, weight, 0.0)
+        change += sign * contrast * wm_value * weight
+        mask |= weight > 0
+        blobs.append({"centre_row_col": list(centre), "semi_axes_mm": [round(a, 3) for a in semi],
+                      "angle_deg": round(math.degrees(angle), 2), "contrast": round(sign * contrast, 4)})
+    lesioned = np.clip(image + change, *model["clip"]).astype(np.float32)
+    return lesioned, mask.astype(np.uint8), blobs
+
+
+def _lesioned_test_slices(heldout: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """``round(fraction * n)`` held-out slices drawn at random (seeded): they get lesions."""
+    if not 0.0 < fraction < 1.0:
+        raise NnDiffError(f"test_lesion_fraction must be in (0, 1) so the test slab has both lesioned and "
+                          f"lesion-free slices, got {fraction}")
+    count = min(len(heldout) - 1, max(1, int(round(fraction * len(heldout)))))
+    chosen = np.random.default_rng([seed, 1]).choice(len(heldout), size=count, replace=False)
+    return sorted(int(heldout[i]) for i in chosen)
+
+
 # --------------------------------------------------------------------------- slice split
 
 
@@ -315,6 +442,47 @@ def plan_slice_split(brain: np.ndarray, axis: str = "axial", gap: int = 10, held
     size = _slab_size(num_train, gap, slab_size)
     return SliceSplit(axis=parse_axis(axis), train_slabs=_chunks(below, size) + _chunks(above, size),
                       heldout=heldout, gap=gap_slices, skipped=skipped)
+
+
+def plan_anomaly_split(brain: np.ndarray, axis: str = "axial", gap: int = 10, heldout_fraction: float = 0.2,
+                       lesioned_fraction: float = DEFAULT_LESIONED_FRACTION, min_brain_fraction: float = 0.1,
+                       heldout_position: str = "center", slab_size: int | None = None) -> SliceSplit:
+    """:func:`plan_slice_split` plus a lesioned training slab, ``gap`` slices away from both others.
+
+    Of the two training runs beside the held-out slab, the longer one (the upper one on a tie)
+    gives its ``round(lesioned_fraction * kept)`` slices next to the held-out gap to the lesioned
+    slab (close to the test anatomy), then ``gap`` more slices are dropped before its healthy
+    remainder. Layout with a centred held-out slab: healthy | gap | held-out | gap | lesioned |
+    gap | healthy. Healthy and lesioned slices are cut into slabs (subjects) of the same size.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise NnDiffError(f"task anomaly_detection needs held-out slices (the lesioned test slab), got "
+                          f"heldout_fraction {heldout_fraction}. Fix: pass --heldout_fraction in (0, 1), e.g. 0.2")
+    if not 0.0 < lesioned_fraction < 1.0:
+        raise NnDiffError(f"lesioned_fraction must be in (0, 1), got {lesioned_fraction}")
+    base = plan_slice_split(brain, axis, gap, heldout_fraction, min_brain_fraction, heldout_position, slab_size)
+    num_kept = len(base.train) + len(base.heldout) + len(base.gap)
+    num_lesioned = max(1, int(round(lesioned_fraction * num_kept)))
+    below = [i for i in base.train if i < base.heldout[0]]
+    above = [i for i in base.train if i > base.heldout[-1]]
+    # Walk the chosen run away from the held-out slab: lesioned first, then the new gap.
+    take_above = len(above) >= len(below)
+    run = above if take_above else below[::-1]
+    lesioned = sorted(run[:num_lesioned])
+    new_gap = run[num_lesioned:num_lesioned + gap]
+    rest = sorted(run[num_lesioned + gap:])
+    healthy_runs = [below, rest] if take_above else [rest, above]
+    num_healthy = sum(len(r) for r in healthy_runs)
+    if len(lesioned) < num_lesioned or num_healthy == 0:
+        raise NnDiffError(
+            f"no room for a lesioned slab of {num_lesioned} slices, its gap of {gap} and healthy training "
+            f"slices: {len(base.train)} training slices remain beside the held-out slab. Fix: lower "
+            "--lesioned_fraction, --heldout_fraction or --gap (at least 10 keeps slabs independent), "
+            "or use --resolution 1")
+    size = _slab_size(num_healthy, gap, slab_size)
+    return SliceSplit(axis=base.axis, train_slabs=[c for r in healthy_runs for c in _chunks(r, size)],
+                      heldout=base.heldout, gap=sorted(base.gap + new_gap), skipped=base.skipped,
+                      lesioned_slabs=_chunks(lesioned, size))
 
 
 def parse_axis(axis: str) -> str:
@@ -418,6 +586,38 @@ def _slice_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | Non
     return cases
 
 
+def _anomaly_cases(vol: Mni152Volumes, split: SliceSplit, seed: int,
+                   test_lesion_fraction: float) -> list[dict[str, Any]]:
+    """One case per slice: healthy training (all-zero mask), lesioned training, held-out with
+    lesions on a seeded ``test_lesion_fraction`` of its slices (all-zero masks on the others).
+
+    Each slice's lesions come from its own generator seeded by (``seed``, slice index), so a case
+    does not change when another one is added or removed.
+    """
+    axis = AXES[split.axis]
+    wm_value = wm_intensity(vol)
+    lesioned = set(split.lesioned) | set(_lesioned_test_slices(split.heldout, test_lesion_fraction, seed))
+    parts = [(f"slab_{n:02d}", "Tr", slab) for n, slab in enumerate(split.train_slabs)]
+    parts += [(f"lesioned_{n:02d}", "Tr", slab) for n, slab in enumerate(split.lesioned_slabs)]
+    parts.append(("heldout", "Ts", split.heldout))
+    cases: list[dict[str, Any]] = []
+    for subject, part_split, indices in parts:
+        for index in indices:
+            props = slice_properties(vol.properties, axis, index)
+            image = _slice(vol.t1, axis, index)[0]
+            label, blobs = np.zeros(image.shape, np.uint8), []
+            if index in lesioned:
+                brain = _slice(vol.brain, axis, index)[0]
+                rng = np.random.default_rng([seed, 0, index])
+                image, label, blobs = insert_lesions(image, brain, props.spacing[1:], wm_value, rng)
+            cases.append({
+                "id": f"mni152_{split.axis}_{index:03d}", "split": part_split, "subject": subject,
+                "slices": [index], "image": image[None], "label": label[None], "target": None,
+                "properties": props, "healthy": index not in lesioned, "lesions": blobs,
+            })
+    return cases
+
+
 def _slab_cases(vol: Mni152Volumes, split: SliceSplit, labels: np.ndarray | None,
                 targets: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One 3D case per training slab, plus the held-out slab as one test case."""
@@ -457,6 +657,12 @@ def _dataset_json(task: TaskFamily, num_training: int, file_ending: str, mode: s
                                 f"CSF = 1 - GM - WM, from the template's tissue maps")
     elif task == TaskFamily.RECONSTRUCTION:
         data["reconstruction"] = dict(RECONSTRUCTION_BLOCK)
+    elif task == TaskFamily.ANOMALY_DETECTION:
+        data["labels"] = dict(LESION_LABELS)
+        data["description"] += ("; synthetic lesions (1-3 soft-edged ellipses of 3-10 mm semi-axes, +/-30-60 % "
+                                "of the WM intensity, inside the brain) on the lesioned training slab and on "
+                                "part of the held-out slab; metadata.json 'healthy', lesion masks in labelsTr/"
+                                f"labelsTs; lesion model in {CONVERSION_RECORD}")
     # Denoising is clean-only without a 'degradation' block: the planner picks Rician for MR.
     return data
 
@@ -465,14 +671,19 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
                    resolution: int = 1, gap: int = 10, heldout_fraction: float = 0.2,
                    task: str | TaskFamily = "generation", file_ending: str = ".nii.gz",
                    min_brain_fraction: float = 0.1, heldout_position: str = "center",
-                   slab_size: int | None = None, name: str | None = None) -> Path:
+                   slab_size: int | None = None, name: str | None = None, seed: int = 0,
+                   lesioned_fraction: float = DEFAULT_LESIONED_FRACTION,
+                   test_lesion_fraction: float = DEFAULT_TEST_LESION_FRACTION) -> Path:
     """Write ``raw_root/DatasetXXX_<name>/`` from the MNI152 template and return that folder.
 
     ``task="generation"``: images only. ``task="segmentation"``: plus ``labelsTr``/``labelsTs``
     tissue maps (background, CSF, GM, WM; :func:`tissue_label_map`). ``"translation"``: plus
     ``targetsTr``/``targetsTs`` (:func:`t2_like_contrast`). ``"denoising"``: clean images only, no
     ``degradation`` block (the planner picks Rician noise for MR). ``"reconstruction"``: images as
-    fully sampled magnitude slices plus the ``reconstruction`` block (2D only). ``file_ending`` ``.png``
+    fully sampled magnitude slices plus the ``reconstruction`` block (2D only). ``"anomaly_detection"``
+    (2D only): :func:`plan_anomaly_split` (``lesioned_fraction``) and :func:`insert_lesions` on the
+    lesioned slab and on ``test_lesion_fraction`` of the held-out slices, seeded by ``seed``; masks
+    in ``labelsTr``/``labelsTs`` (all-zero when healthy) and ``"healthy"`` in metadata.json. ``file_ending`` ``.png``
     (2D only) stores the 8-bit values (lossless at 1 mm, rounded at 2 mm). The folder is built
     under a temporary name and moved into place, replacing an earlier conversion of the same name.
     See :func:`plan_slice_split` for the slice rules (``mode="3d"``: ``slab_size`` defaults to
@@ -487,6 +698,10 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     if family == TaskFamily.RECONSTRUCTION and mode != "2d_slices":
         raise NnDiffError(f"task reconstruction needs mode 2d_slices, got mode {mode!r}: the MRI operator "
                           "undersamples 2D k-space of single slices. Fix: pass --mode 2d_slices")
+    if family == TaskFamily.ANOMALY_DETECTION and mode != "2d_slices":
+        raise NnDiffError(f"task anomaly_detection needs mode 2d_slices, got mode {mode!r}: lesions are placed "
+                          "per slice and the held-out slab is split into lesioned and lesion-free slices. "
+                          "Fix: pass --mode 2d_slices")
     if file_ending not in FILE_ENDINGS or (file_ending == ".png" and mode != "2d_slices"):
         raise NnDiffError(f"file_ending {file_ending!r} is not supported for mode {mode}; use .nii.gz"
                           + (" or .png" if mode == "2d_slices" else ""))
@@ -498,11 +713,16 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
     if mode == "3d" and slab_size is None:
         slab_size = DEFAULT_3D_SLAB_SIZE
     vol = load_mni152(resolution)
-    split = plan_slice_split(vol.brain, axis, gap, heldout_fraction, min_brain_fraction,
-                             heldout_position, slab_size)
-    labels = tissue_label_map(vol.gm, vol.wm, vol.brain) if family == TaskFamily.SEGMENTATION else None
-    targets = t2_like_contrast(vol.gm, vol.wm, vol.brain) if family == TaskFamily.TRANSLATION else None
-    cases = (_slice_cases if mode == "2d_slices" else _slab_cases)(vol, split, labels, targets)
+    if family == TaskFamily.ANOMALY_DETECTION:
+        split = plan_anomaly_split(vol.brain, axis, gap, heldout_fraction, lesioned_fraction,
+                                   min_brain_fraction, heldout_position, slab_size)
+        cases = _anomaly_cases(vol, split, seed, test_lesion_fraction)
+    else:
+        split = plan_slice_split(vol.brain, axis, gap, heldout_fraction, min_brain_fraction,
+                                 heldout_position, slab_size)
+        labels = tissue_label_map(vol.gm, vol.wm, vol.brain) if family == TaskFamily.SEGMENTATION else None
+        targets = t2_like_contrast(vol.gm, vol.wm, vol.brain) if family == TaskFamily.TRANSLATION else None
+        cases = (_slice_cases if mode == "2d_slices" else _slab_cases)(vol, split, labels, targets)
     target = raw_root / folder_name
     with atomic_directory(target) as tmp:
         for case in cases:
@@ -510,12 +730,34 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
                         file_ending, case["target"])
         num_training = sum(case["split"] == "Tr" for case in cases)
         save_json(_dataset_json(family, num_training, file_ending, mode, resolution), tmp / "dataset.json")
-        save_json({case["id"]: {"subject": case["subject"]} for case in cases}, tmp / "metadata.json")
-        save_json(_conversion_record(vol, split, cases, mode, resolution, gap, heldout_fraction,
-                                     min_brain_fraction, heldout_position), tmp / CONVERSION_RECORD)
+        save_json({case["id"]: _metadata_entry(case) for case in cases}, tmp / "metadata.json")
+        record = _conversion_record(vol, split, cases, mode, resolution, gap, heldout_fraction,
+                                    min_brain_fraction, heldout_position)
+        if family == TaskFamily.ANOMALY_DETECTION:
+            record["lesions"] = _lesion_record(vol, cases, seed, lesioned_fraction, test_lesion_fraction)
+        save_json(record, tmp / CONVERSION_RECORD)
     logger.info("MNI152 %s (%s, %d mm): %d training and %d held-out cases in %s", mode, axis, resolution,
                 num_training, len(cases) - num_training, target)
     return target
+
+
+def _metadata_entry(case: dict[str, Any]) -> dict[str, Any]:
+    """metadata.json entry: the subject, and for anomaly detection the healthy flag (agrees with the mask)."""
+    entry: dict[str, Any] = {"subject": case["subject"]}
+    if "healthy" in case:
+        entry["healthy"] = bool(case["healthy"])
+    return entry
+
+
+def _lesion_record(vol: Mni152Volumes, cases: list[dict[str, Any]], seed: int, lesioned_fraction: float,
+                   test_lesion_fraction: float) -> dict[str, Any]:
+    """The lesion model, its parameters and every blob placed, per case."""
+    return {
+        "model": dict(LESION_MODEL), "seed": seed, "wm_intensity": wm_intensity(vol),
+        "lesioned_fraction": lesioned_fraction, "test_lesion_fraction": test_lesion_fraction,
+        "lesioned_heldout": [c["slices"][0] for c in cases if c["split"] == "Ts" and not c["healthy"]],
+        "cases": {c["id"]: c["lesions"] for c in cases if c["lesions"]},
+    }
 
 
 def _conversion_record(vol: Mni152Volumes, split: SliceSplit, cases: list[dict[str, Any]], mode: str,
@@ -530,7 +772,8 @@ def _conversion_record(vol: Mni152Volumes, split: SliceSplit, cases: list[dict[s
         "parameters": {"mode": mode, "gap": gap, "heldout_fraction": heldout_fraction,
                        "min_brain_fraction": min_brain_fraction, "heldout_position": heldout_position},
         "slices": split.to_json(),
-        "cases": {case["id"]: {"split": case["split"], "subject": case["subject"], "slices": case["slices"]}
+        "cases": {case["id"]: {"split": case["split"], "subject": case["subject"], "slices": case["slices"],
+                               **({"healthy": case["healthy"]} if "healthy" in case else {})}
                   for case in cases},
     }
 
@@ -553,7 +796,8 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=1, help="mm (default 1)")
     p.add_argument("--task", choices=[str(t) for t in SUPPORTED_TASKS], default="generation",
                    help="segmentation: + tissue labels; translation: + T2w-like targets; denoising: "
-                   "clean-only; reconstruction: + 4x Cartesian MRI block (2d_slices only)")
+                   "clean-only; reconstruction: + 4x Cartesian MRI block (2d_slices only); anomaly_detection: "
+                   "healthy + lesioned training slabs, held-out slab with synthetic lesions (2d_slices only)")
     p.add_argument("--gap", type=int, default=10, help="slices dropped on each side of the held-out slab")
     p.add_argument("--heldout_fraction", type=float, default=0.2)
     p.add_argument("--heldout_position", choices=("center", "end"), default="center")
@@ -564,6 +808,11 @@ def convert_parser() -> argparse.ArgumentParser:
                    "(fewer if that gives < 5 slabs), 3d 16")
     p.add_argument("--file_ending", choices=FILE_ENDINGS, default=".nii.gz")
     p.add_argument("--name", default=None, help="dataset name (default e.g. MNI152Axial2D)")
+    p.add_argument("--seed", type=int, default=0, help="anomaly_detection: seed of the synthetic lesions")
+    p.add_argument("--lesioned_fraction", type=float, default=DEFAULT_LESIONED_FRACTION,
+                   help="anomaly_detection: share of the kept slices in the lesioned training slab")
+    p.add_argument("--test_lesion_fraction", type=float, default=DEFAULT_TEST_LESION_FRACTION,
+                   help="anomaly_detection: share of the held-out slices that get lesions")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -582,7 +831,9 @@ def _convert_body(argv: Sequence[str] | None) -> None:
                             resolution=args.resolution, gap=args.gap, heldout_fraction=args.heldout_fraction,
                             task=args.task, file_ending=args.file_ending,
                             min_brain_fraction=args.min_brain_fraction,
-                            heldout_position=args.heldout_position, slab_size=args.slab_size, name=args.name)
+                            heldout_position=args.heldout_position, slab_size=args.slab_size, name=args.name,
+                            seed=args.seed, lesioned_fraction=args.lesioned_fraction,
+                            test_lesion_fraction=args.test_lesion_fraction)
     print(folder)  # the CLI's result: the dataset folder, for scripts
 
 
