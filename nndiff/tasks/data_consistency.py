@@ -36,12 +36,15 @@ from nndiff.tasks.operators import (
     MeasurementError,
     MultiCoilMRI,
     ParallelBeamCT,
+    RealImageOperator,
     SingleCoilMRI,
     channels_to_complex,
     complex_to_channels,
     fft2c,
     ifft2c,
     make_generator,
+    match_precision,
+    mirror_kspace,
 )
 
 Tensor = torch.Tensor
@@ -68,10 +71,11 @@ def from_operator_image(operator: LinearOperator, z: Tensor, like: Tensor) -> Te
 def residual(operator: LinearOperator, measurement: Tensor, x: Tensor) -> Tensor:
     """Relative data-consistency residual ||A x - y|| / ||y|| per sample (x in network or operator layout)."""
     z = to_operator_image(operator, x)
-    diff = operator.forward(z) - measurement.to(z.device)
+    y = match_precision(measurement, z)
+    diff = operator.forward(z) - y
     dims = tuple(range(1, diff.ndim))
     num = torch.linalg.vector_norm(diff, dim=dims)
-    den = torch.linalg.vector_norm(measurement.to(z.device), dim=dims).clamp(min=torch.finfo(num.dtype).tiny)
+    den = torch.linalg.vector_norm(y, dim=dims).clamp(min=torch.finfo(num.dtype).tiny)
     return num / den
 
 
@@ -118,7 +122,7 @@ class _Projection:
 
     def target(self, t: float, z: Tensor) -> Tensor:
         """The measurement the image ``z`` (operator layout) must match at process time ``t``."""
-        y = self.measurement.to(device=z.device, dtype=z.dtype)  # the sample's precision decides
+        y = match_precision(self.measurement, z)  # the sample's precision decides; complex stays complex
         alpha, sigma = self._coefficients(t)
         if alpha == 1.0 and sigma == 0.0:
             return y
@@ -205,10 +209,40 @@ class POCSProjection(_Projection):
         return z
 
 
+class RealKSpaceReplacement(_Projection):
+    """Exact hard MRI data consistency for a real (magnitude) prior and a single-coil operator.
+
+    A real image has Hermitian k-space, k(-f) = conj(k(f)), so measuring k(f) also fixes k(-f).
+    The projection onto {real x : M F x = y} in the least-squares sense (orthogonal, since F is
+    unitary) replaces every measured frequency and its mirror by the mean of the measurements that
+    reach it (y(f) and/or conj(y(-f))) and keeps the rest. For Hermitian y (a real object, as in
+    simulation) it enforces y exactly; for complex y it is the real image closest to it. A plain
+    POCS step x + Re(A^H (y - A x)) only halves the misfit of frequencies whose mirror is unmeasured.
+    """
+
+    def __init__(self, operator: RealImageOperator, measurement: Tensor, **kwargs: Any):
+        inner = getattr(operator, "operator", None)
+        if not isinstance(operator, RealImageOperator) or type(inner) is not SingleCoilMRI:
+            raise TypeError("RealKSpaceReplacement needs a RealImageOperator around a SingleCoilMRI operator")
+        super().__init__(operator, measurement, **kwargs)
+
+    def project(self, z: Tensor, y: Tensor) -> Tensor:
+        mask = self.operator.operator._mask_like(y)  # (.., H, W) in y's real precision, broadcastable
+        mask = mask.expand(*mask.shape[:-2], *y.shape[-2:])  # fastMRI (1, W) columns -> (H, W): rows mirror too
+        mirrored_mask = mirror_kspace(mask)
+        weight = mask + mirrored_mask
+        target = (mask * y + mirrored_mask * mirror_kspace(y).conj()) / weight.clamp(min=1)
+        k = torch.where(weight > 0, target, fft2c(z.to(y.dtype)))
+        return ifft2c(k).real
+
+
 def hard_projection(operator: LinearOperator, measurement: Tensor, **kwargs: Any) -> _Projection:
-    """The default hard data consistency of an operator: k-space replacement (MRI) or POCS (CT, others)."""
+    """The default hard data consistency of an operator: k-space replacement (MRI; Hermitian
+    replacement for a real prior with a single coil) or POCS (CT, real prior with multi-coil, others)."""
     if isinstance(operator, SingleCoilMRI):
         return KSpaceReplacement(operator, measurement, **kwargs)
+    if isinstance(operator, RealImageOperator) and type(operator.operator) is SingleCoilMRI:
+        return RealKSpaceReplacement(operator, measurement, **kwargs)
     return POCSProjection(operator, measurement, **kwargs)
 
 
@@ -218,7 +252,7 @@ def hard_projection(operator: LinearOperator, measurement: Tensor, **kwargs: Any
 def measurement_loss(operator: LinearOperator, measurement: Tensor, x0: Tensor) -> Tensor:
     """||y - A x0||^2 per sample (x0 in network or operator layout), differentiable."""
     z = to_operator_image(operator, x0)
-    diff = measurement.to(z.device) - operator.forward(z)
+    diff = match_precision(measurement, z) - operator.forward(z)
     return (diff.abs() ** 2).flatten(1).sum(dim=1)
 
 

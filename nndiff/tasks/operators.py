@@ -63,6 +63,30 @@ def complex_to_channels(z: Tensor) -> Tensor:
 
 
 # ===================================================================================================
+# precision: complex tensors follow the real sample's precision
+# ===================================================================================================
+def real_dtype_of(t: Tensor) -> torch.dtype:
+    """The real precision a tensor computes in: float64 stays float64, anything else (float32,
+    bfloat16 / float16 from autocast, complex64) is float32, because FFTs need float32 or float64."""
+    real = t.real.dtype if t.is_complex() else t.dtype
+    return torch.float64 if real == torch.float64 else torch.float32
+
+
+def complex_dtype_of(t: Tensor) -> torch.dtype:
+    """The complex dtype matching ``t``'s precision: complex128 for float64 / complex128, else complex64."""
+    return torch.complex128 if real_dtype_of(t) == torch.float64 else torch.complex64
+
+
+def match_precision(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` on ``like``'s device in ``like``'s precision, keeping whether it is complex.
+
+    A plain ``value.to(like.dtype)`` of a complex measurement to a real sample's dtype would drop the
+    imaginary part (PyTorch only warns), which silently enforces a wrong measurement."""
+    dtype = complex_dtype_of(like) if value.is_complex() else real_dtype_of(like)
+    return value.to(device=like.device, dtype=dtype)
+
+
+# ===================================================================================================
 # centred orthonormal FFT
 # ===================================================================================================
 _FFT_DIMS = (-2, -1)
@@ -78,6 +102,19 @@ def ifft2c(k: Tensor) -> Tensor:
     """Inverse of :func:`fft2c` (also its adjoint: the transform is unitary)."""
     shifted = torch.fft.ifftshift(k, dim=_FFT_DIMS)
     return torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_FFT_DIMS, norm="ortho"), dim=_FFT_DIMS)
+
+
+def mirror_index(n: int, device: torch.device | str | None = None) -> Tensor:
+    """Index of frequency -f for each index of a centred axis of length ``n`` (DC at ``n // 2``):
+    ``(2 (n // 2) - i) mod n``; for even ``n`` the Nyquist index 0 is its own mirror."""
+    return (2 * (n // 2) - torch.arange(n, device=device)) % n
+
+
+def mirror_kspace(k: Tensor) -> Tensor:
+    """k(-f) over the last two axes of centred k-space (conj(mirror_kspace(k)) == k iff k is the
+    spectrum of a real image: Hermitian symmetry)."""
+    rows, cols = mirror_index(k.shape[-2], k.device), mirror_index(k.shape[-1], k.device)
+    return k.index_select(-2, rows).index_select(-1, cols)
 
 
 def rss(coil_images: Tensor, dim: int = -3, keepdim: bool = True) -> Tensor:
@@ -378,7 +415,7 @@ class MultiCoilMRI(SingleCoilMRI):
 
     def maps_like(self, t: Tensor) -> Tensor:
         """The maps on ``t``'s device in its complex dtype."""
-        return self.sens_maps.to(device=t.device, dtype=t.dtype if t.is_complex() else torch.complex64)
+        return self.sens_maps.to(device=t.device, dtype=complex_dtype_of(t))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim < 3 or x.shape[-3] != 1:
@@ -401,6 +438,30 @@ class MultiCoilMRI(SingleCoilMRI):
     def check_measurement(self, y: Tensor, source: str | None = None) -> None:
         super().check_measurement(y, source)
         self._check_coils(y, source)
+
+
+class RealImageOperator(LinearOperator):
+    """A complex-image operator restricted to real images: A_r x = A x, A_r^H y = Re(A^H y).
+
+    Lets a real (1-channel magnitude) prior use an MRI operator. For real x the k-space is Hermitian,
+    so the exact projection onto {real x: A x = y} (least squares when y is not Hermitian) is the
+    Hermitian k-space replacement of :class:`nndiff.tasks.data_consistency.RealKSpaceReplacement`."""
+
+    complex_image = False
+
+    def __init__(self, operator: LinearOperator):
+        if not operator.complex_image:
+            raise TypeError(f"RealImageOperator wraps a complex-image operator, got {type(operator).__name__}")
+        self.operator = operator
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.operator.forward(x.to(complex_dtype_of(x)))
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        return self.operator.adjoint(y).real
+
+    def check_measurement(self, y: Tensor, source: str | None = None) -> None:
+        self.operator.check_measurement(y, source)
 
 
 # ===================================================================================================

@@ -55,6 +55,7 @@ from nndiff.tasks.operators import (
     MeasurementError,
     MultiCoilMRI,
     ParallelBeamCT,
+    RealImageOperator,
     SingleCoilMRI,
     channels_to_complex,
     check_finite,
@@ -91,28 +92,6 @@ class CaseMeasurement:
     acceleration: float
     reference: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class RealImageOperator(LinearOperator):
-    """A complex-image operator restricted to real images: A_r x = A x, A_r^H y = Re(A^H y).
-
-    Lets a real (1-channel magnitude) prior use an MRI operator: the hard projection becomes the
-    POCS step x + Re(A^H (y - A x)), the projection onto real images consistent with y in the
-    least-squares sense (exact k-space agreement is impossible for a real image unless y is Hermitian)."""
-
-    complex_image = False
-
-    def __init__(self, operator: LinearOperator):
-        self.operator = operator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.operator.forward(x.to(torch.complex64 if x.dtype != torch.float64 else torch.complex128))
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return self.operator.adjoint(y).real
-
-    def check_measurement(self, y: torch.Tensor, source: str | None = None) -> None:
-        self.operator.check_measurement(y, source)
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:

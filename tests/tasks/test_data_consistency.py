@@ -256,3 +256,79 @@ def test_warm_start_state_forwards_to_t0():
         warm_start_state(process, x, 150, noise)
     with pytest.raises(MeasurementError, match="noise has shape"):
         warm_start_state(process, x, 40, noise[:1])
+
+
+# ------------------------------------------------------------------------------------------------
+# precision and real (magnitude) priors: the complex measurement keeps its imaginary part
+# ------------------------------------------------------------------------------------------------
+def test_match_precision_keeps_complex_and_follows_the_sample():
+    from nndiff.tasks.operators import match_precision
+
+    y = crandn(1, 1, 4, 4)  # complex128
+    assert match_precision(y, torch.zeros(1, dtype=torch.float32)).dtype == torch.complex64
+    assert match_precision(y, torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.complex64  # autocast samples
+    assert match_precision(y.to(torch.complex64), torch.zeros(1, dtype=F64)).dtype == torch.complex128
+    kept = match_precision(y, torch.zeros(1, dtype=torch.float32))
+    torch.testing.assert_close(kept, y.to(torch.complex64))  # imaginary part intact
+    assert match_precision(y.real, torch.zeros(1, dtype=torch.complex64)).dtype == torch.float32  # CT: real stays real
+
+
+@pytest.mark.filterwarnings("error:Casting complex values to real:UserWarning")
+@pytest.mark.parametrize("shape,dims", [((16, 16), 1), ((15, 17), 1), ((16, 16), 2), ((15, 17), 2)])
+def test_real_prior_replacement_enforces_hermitian_measurement_in_float32(shape, dims):
+    """A real image's k-space is Hermitian: the exact projection for a 1-channel prior keeps the real
+    float32 sample real and makes its measured k-space equal the complex measurement (even / odd sizes)."""
+    from nndiff.tasks.data_consistency import RealKSpaceReplacement
+    from nndiff.tasks.operators import RealImageOperator, mirror_kspace
+
+    g = torch.Generator().manual_seed(2)
+    truth = torch.rand(2, 1, *shape, generator=g)
+    mask = undersampling_mask(shape, 4, 0.125, "random", dims, seed=3)
+    y = SingleCoilMRI(mask).forward(truth.to(torch.complex64))
+    assert float(y.imag.abs().max()) > 0.1
+    op = RealImageOperator(SingleCoilMRI(mask))
+    dc = hard_projection(op, y)
+    assert isinstance(dc, RealKSpaceReplacement)
+    x = 0.8 * truth + 0.05 * torch.randn(truth.shape, generator=g)
+    out = dc(x, 0)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert float(residual(op, y, out).max()) < 1e-5
+    assert float(residual(op, y, x).min()) > 0.1
+    # frequencies neither measured nor mirrors of measured ones keep the prior's values
+    free = ~(mask | mirror_kspace(mask))
+    torch.testing.assert_close(fft2c(out.to(torch.complex64))[..., free], fft2c(x.to(torch.complex64))[..., free],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(dc(out, 0), out, rtol=0, atol=1e-5)  # idempotent
+
+
+def test_real_prior_replacement_of_complex_measurement_is_the_least_squares_projection():
+    """Non-Hermitian y (complex object, real prior): no real image matches it; the result equals the
+    limit of POCS steps x + Re(A^H (y - A x)) started at x (the nearest least-squares real image)."""
+    from nndiff.tasks.operators import RealImageOperator
+
+    mask = undersampling_mask((12, 12), 3, 0.25, "random", 2, seed=4)
+    inner = SingleCoilMRI(mask)
+    y = inner.forward(crandn(1, 1, 12, 12, seed=5))
+    op = RealImageOperator(inner)
+    x = torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(6), dtype=F64)
+    out = hard_projection(op, y)(x, 0)
+    pocs = x
+    for _ in range(80):  # contracts by 1/2 per step on the frequencies whose mirror is unmeasured
+        pocs = pocs + op.adjoint(y - op.forward(pocs))
+    torch.testing.assert_close(out, pocs, rtol=0, atol=1e-10)
+    gradient = op.adjoint(op.forward(out) - y)  # normal equations of min ||A x - y||
+    assert float(gradient.abs().max()) < 1e-12
+    assert float(residual(op, y, out)) > 0.1  # the imaginary object cannot be matched by a real image
+
+
+def test_real_image_operator_is_adjoint_consistent_and_refuses_real_operators():
+    from nndiff.tasks.operators import RealImageOperator
+
+    op = RealImageOperator(SingleCoilMRI(undersampling_mask((8, 10), 2, 0.25, "random", 1, seed=1)))
+    x = torch.randn(1, 1, 8, 10, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = crandn(1, 1, 8, 10, seed=2)
+    lhs = torch.vdot(op.forward(x).flatten(), y.flatten()).real  # real inner product on the real image space
+    assert float(lhs) == pytest.approx(float((x * op.adjoint(y)).sum()), rel=1e-10)
+    assert op.forward(x.float()).dtype == torch.complex64 and op.forward(x).dtype == torch.complex128
+    with pytest.raises(TypeError, match="complex-image operator"):
+        RealImageOperator(ParallelBeamCT((8, 8), parallel_beam_angles(4)))
