@@ -1,6 +1,9 @@
 """Command-line wiring of the reconstruction and denoising families: nndiff_predict's family flags
 (reach the predictor, recorded in the outputs; refused for other families, out of range, or where
-they would have no effect) and nndiff_evaluate_folder's reconstruction dispatch / denoising refusal."""
+they would have no effect) and nndiff_evaluate_folder's reconstruction dispatch / denoising refusal;
+the family table (predictor class -> family, flags -> constructor keywords, choices) of every family,
+the model-folder choice without -tr, and --shape. Anomaly detection and segmentation end to end:
+test_cli_anomaly_segmentation.py."""
 from __future__ import annotations
 
 import json
@@ -13,14 +16,23 @@ import torch
 
 from nndiff.dataset.examples import make_example_dataset, properties_2d
 from nndiff.dataset.io import read_images, write_image
+from nndiff.errors import NnDiffError
 from nndiff.inference.cli import (
+    ANOMALY_STRATEGY_CHOICES,
+    AUXILIARY_TRAINERS,
     DC_CHOICES,
+    FUSION_CHOICES,
     MASK_PATTERN_CHOICES,
     STRATEGY_CHOICES,
+    UNCERTAINTY_CHOICES,
     WARM_START_CONDITION_CHOICES,
+    _generation_options,
+    _only_trainer,
     build_parser,
     family_options,
+    parse_shape,
     predict_entry,
+    predictor_family,
 )
 from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
@@ -183,13 +195,90 @@ def test_family_options_map_flags_to_constructor_keywords():
 
 
 def test_choices_match_the_predictors():
+    from nndiff.tasks import anomaly_predictor, segmentation_predictor
     from nndiff.tasks.denoising_predictor import STRATEGIES, WARM_START_CONDITIONS
+    from nndiff.tasks.latent import AUTOENCODER_TRAINER
     from nndiff.tasks.operators import MaskPattern
     from nndiff.tasks.reconstruction_predictor import DC_MODES
 
     assert DC_CHOICES == DC_MODES and STRATEGY_CHOICES == STRATEGIES
     assert WARM_START_CONDITION_CHOICES == WARM_START_CONDITIONS
     assert MASK_PATTERN_CHOICES == tuple(p.value for p in MaskPattern)
+    assert ANOMALY_STRATEGY_CHOICES == anomaly_predictor.STRATEGIES
+    assert FUSION_CHOICES == segmentation_predictor.FUSIONS
+    assert UNCERTAINTY_CHOICES == segmentation_predictor.UNCERTAINTIES
+    assert set(AUXILIARY_TRAINERS) == {AUTOENCODER_TRAINER, anomaly_predictor.CLASSIFIER_TRAINER}
+
+
+def test_predictor_family_of_every_registered_predictor():
+    from nndiff.inference import predictor_class_for
+
+    expected = {"GenerationTrainer": "generation", "TranslationTrainer": "translation",
+                "DenoisingTrainer": "denoising", "ReconstructionTrainer": "reconstruction",
+                "AnomalyDDPMTrainer": "anomaly_detection", "AnomalyCDPMTrainer": "anomaly_detection",
+                "SegmentationDiffusionTrainer": "segmentation", "SegmentationBaselineTrainer": "segmentation",
+                "LatentDiffusionTrainer": "generation"}
+    assert {trainer: predictor_family(predictor_class_for(trainer)) for trainer in expected} == expected
+
+
+def test_anomaly_and_segmentation_flags_map_to_constructor_keywords():
+    from nndiff.tasks.anomaly_predictor import AnomalyPredictor
+    from nndiff.tasks.segmentation_predictor import SegmentationPredictor
+
+    parser = build_parser()
+    base = ["-i", "x", "-o", "y", "-d", "1", "-c", "2d"]
+    args = parser.parse_args([*base, "--anomaly_strategy", "wolleb", "--start_fraction", "0.3", "--classifier_dir",
+                              "clf", "--classifier_scale", "5", "--smoothing_sigma", "0", "--threshold", "0.7",
+                              "--num_samples", "3"])
+    assert family_options(args, AnomalyPredictor, "AnomalyDDPMTrainer") == {
+        "strategy": "wolleb", "start_fraction": 0.3, "classifier_dir": "clf", "classifier_scale": 5.0,
+        "smoothing_sigma": 0.0, "threshold": 0.7, "num_reconstructions": 3}
+    args = parser.parse_args([*base, "--guidance_scale", "2", "--calibrate_threshold", "val", "labels"])
+    # --calibrate_threshold is a step of the command, not a constructor keyword
+    assert family_options(args, AnomalyPredictor, "AnomalyCDPMTrainer") == {"guidance_scale": 2.0}
+    args = parser.parse_args([*base, "--fusion", "staple", "--uncertainty", "variance"])
+    assert family_options(args, SegmentationPredictor, "SegmentationDiffusionTrainer") == {
+        "fusion": "staple", "uncertainty": "variance"}
+
+
+def _model_folders(results: Path, *trainers: str) -> Path:
+    for trainer in trainers:
+        (results / f"{trainer}__nnDiffPlans__2d_latent").mkdir(parents=True)
+    return results
+
+
+def test_model_folder_choice_skips_autoencoder_and_classifier_stages(tmp_path):
+    results = _model_folders(tmp_path / "a", "AutoencoderTrainer", "LatentDiffusionTrainer")
+    assert _only_trainer(results, "nnDiffPlans", "2d_latent") == "LatentDiffusionTrainer"
+    results = _model_folders(tmp_path / "b", "AnomalyClassifierTrainer", "AnomalyDDPMTrainer")
+    assert _only_trainer(results, "nnDiffPlans", "2d_latent") == "AnomalyDDPMTrainer"
+    # the autoencoder alone (diffusion stage not trained yet) is no model to predict with
+    results = _model_folders(tmp_path / "c", "AutoencoderTrainer")
+    with pytest.raises(NnDiffError, match=r"no trained models .*\(AutoencoderTrainer: a stage of another model"):
+        _only_trainer(results, "nnDiffPlans", "2d_latent")
+    results = _model_folders(tmp_path / "d", "AnomalyClassifierTrainer", "AnomalyDDPMTrainer", "AnomalyCDPMTrainer")
+    with pytest.raises(NnDiffError, match="several trained models .*: AnomalyCDPMTrainer, AnomalyDDPMTrainer "
+                                          r"\(AnomalyClassifierTrainer.*choose one with -tr"):
+        _only_trainer(results, "nnDiffPlans", "2d_latent")
+
+
+def test_shape_flag_parsing_and_generation_keyword(tmp_path, capsys):
+    assert parse_shape(None) is None and parse_shape(["median"]) == "median" and parse_shape(["patch"]) == "patch"
+    assert parse_shape(["12", "40", "32"]) == [12, 40, 32]
+    for bad in (["big"], ["0", "8"], ["median", "8"]):
+        with pytest.raises(NnDiffError, match="--shape .*expected 'patch', 'median' or positive integer sizes"):
+            parse_shape(bad)
+
+    class Shaped:
+        def generate_to_folder(self, output_dir, num_samples, seed=0, shape="patch"):
+            return []
+
+    args = build_parser().parse_args(["-o", "y", "-d", "1", "-c", "3d_latent", "--shape", "median"])
+    assert _generation_options(Shaped(), args) == {"shape": "median"}
+    assert _generation_options(Shaped(), build_parser().parse_args(["-o", "y", "-d", "1", "-c", "2d"])) == {}
+    code, err = _exit_code(predict_entry, ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-d", "1", "-c", "2d",
+                                           "--shape", "8", "8"], capsys)
+    assert code == 2 and "--shape sets the size of generated samples" in err
 
 
 # ----------------------------------------------------------------------------------------------
