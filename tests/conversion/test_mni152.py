@@ -318,3 +318,213 @@ def test_reconstruction_dataset_plans_the_measurement_grid_and_refuses_3d(tmp_pa
     with pytest.raises(NnDiffError, match="needs mode 2d_slices"):
         convert_mni152(tmp_path, 16, mode="3d", resolution=2, task="reconstruction")
     assert not list(tmp_path.glob("Dataset016_*"))
+
+
+# --------------------------------------------------------------------------- anomaly detection
+
+
+@pytest.fixture(scope="module")
+def anomaly_2d(tmp_path_factory, volumes_2mm):
+    raw = tmp_path_factory.mktemp("raw_anomaly")
+    return convert_mni152(raw, 17, resolution=2, task="anomaly_detection", gap=GAP, seed=5)
+
+
+def _anomaly_parts(folder: Path) -> tuple[list[int], list[int], list[int]]:
+    """(healthy training, lesioned training, held-out) slice indices, read from the written dataset."""
+    dataset = load_dataset(folder)
+    subjects = dataset.subjects()
+    healthy = _indices(c for c in dataset.cases if subjects[c].startswith("slab_"))
+    lesioned = _indices(c for c in dataset.cases if subjects[c].startswith("lesioned_"))
+    assert len(healthy) + len(lesioned) == len(dataset.cases)
+    return healthy, lesioned, _indices(dataset.test_cases)
+
+
+def _slice_arrays(case) -> tuple[np.ndarray, np.ndarray]:
+    image, _ = read_images(case.images)
+    label, _ = read_label(case.label)
+    return image[0, 0], np.asarray(label).reshape(image.shape[2:])
+
+
+def test_anomaly_dataset_passes_integrity_and_plans_simplex_partial_diffusion(anomaly_2d):
+    assert anomaly_2d.name == "Dataset017_MNI152Axial2DAnomaly"
+    dataset = load_dataset(anomaly_2d)
+    assert dataset.task == "anomaly_detection"
+    assert dataset.labels == {"background": 0, "lesion": 1}
+    assert dataset.channel_names == {"0": "T1"}
+    assert all(case.label is not None for case in list(dataset.cases.values()) + list(dataset.test_cases.values()))
+    fingerprint, plans = _fingerprint_and_plan(anomaly_2d)
+    assert fingerprint["spatial_dims"] == 2
+    config = plans["configurations"]["2d"]
+    assert config["diffusion"]["noise_type"] == "simplex"
+    assert 0.0 < config["sampling"]["start_fraction"] < 1.0  # partial diffusion (AnoDDPM's t_lambda)
+    assert config["anomaly"]["strategy"] == "anoddpm"
+    record = load_json(anomaly_2d / CONVERSION_RECORD)
+    assert record["lesions"]["model"] == mni152.LESION_MODEL
+    assert record["lesions"]["seed"] == 5
+    assert record["lesions"]["wm_intensity"] == pytest.approx(mni152.wm_intensity(mni152.load_mni152(2)))
+
+
+def test_anomaly_slabs_are_disjoint_and_separated_by_the_gap(anomaly_2d):
+    healthy, lesioned, heldout = _anomaly_parts(anomaly_2d)
+    assert healthy and lesioned and heldout
+    assert lesioned == list(range(lesioned[0], lesioned[-1] + 1))  # one contiguous slab
+    assert heldout == list(range(heldout[0], heldout[-1] + 1))
+    for a, b in ((healthy, lesioned), (healthy, heldout), (lesioned, heldout)):
+        assert min(abs(i - j) for i in a for j in b) - 1 >= GAP  # >= GAP slices strictly between
+    record = load_json(anomaly_2d / CONVERSION_RECORD)["slices"]
+    assert sorted(i for slab in record["lesioned_slabs"] for i in slab) == lesioned
+    assert record["min_lesioned_heldout_distance"] >= GAP + 1
+    assert record["min_healthy_lesioned_distance"] >= GAP + 1
+    assert not set(record["gap"]) & set(healthy + lesioned + heldout)
+
+
+def test_anomaly_cross_validation_folds_see_healthy_and_lesioned_cases(anomaly_2d):
+    from nndiff.training.splits import make_grouped_splits
+
+    dataset = load_dataset(anomaly_2d)
+    healthy = dataset.healthy()
+    splits = make_grouped_splits(list(dataset.cases), dataset.subjects())
+    assert len(splits) == 5
+    for fold in splits:  # Wolleb and CDPM need both kinds in every fold's training cases
+        assert {healthy[c] for c in fold["train"]} == {True, False}
+
+
+def test_lesions_lie_inside_the_brain_and_only_where_the_mask_says(anomaly_2d, volumes_2mm):
+    dataset = load_dataset(anomaly_2d)
+    lesions = load_json(anomaly_2d / CONVERSION_RECORD)["lesions"]["cases"]
+    num_lesioned = 0
+    for case_id, case in list(dataset.cases.items()) + list(dataset.test_cases.items()):
+        index = int(_SLICE_ID.match(case_id).group(1))
+        image, mask = _slice_arrays(case)
+        template = volumes_2mm.t1[index, ::-1]
+        changed = np.abs(image - template) > 1e-3
+        if not mask.any():
+            assert not changed.any(), case_id  # lesion-free: the template slice itself
+            assert case_id not in lesions
+            continue
+        num_lesioned += 1
+        assert set(np.unique(mask).tolist()) == {0, 1}
+        assert not (mask.astype(bool) & ~volumes_2mm.brain[index, ::-1]).any(), case_id
+        assert not (changed & ~mask.astype(bool)).any(), case_id  # nothing changes outside the mask
+        assert changed.sum() >= 0.8 * mask.sum(), case_id  # the mask is the change (up to 8-bit clipping)
+        assert 1 <= len(lesions[case_id]) <= 3
+        assert 0.0 <= image.min() and image.max() <= 255.0
+        signs = {np.sign(b["contrast"]) for b in lesions[case_id]}
+        assert len(signs) == 1 and all(0.3 <= abs(b["contrast"]) <= 0.6 for b in lesions[case_id])
+        direction = np.sign(image - template)[changed]
+        assert set(np.unique(direction).tolist()) == signs  # hyper- or hypointense, as recorded
+    assert num_lesioned == len(lesions) > 0
+
+
+def test_anomaly_healthy_flags_agree_with_the_masks(anomaly_2d):
+    from nndiff.tasks.anomaly import healthy_cases
+
+    dataset = load_dataset(anomaly_2d)
+    metadata = load_json(anomaly_2d / "metadata.json")
+    record = load_json(anomaly_2d / CONVERSION_RECORD)
+    masks = {c: _slice_arrays(case)[1] for c, case in {**dataset.cases, **dataset.test_cases}.items()}
+    for case_id, mask in masks.items():
+        assert metadata[case_id]["healthy"] is (not mask.any()), case_id
+    # Both healthy rules (metadata flag; else the labelsTr mask) give the same verdicts.
+    train = sorted(dataset.cases)
+    assert healthy_cases(train, metadata) == healthy_cases(train, None, masks) == dataset.healthy()
+    # Lesioned training slab: all diseased; healthy slabs: all healthy.
+    for case_id in train:
+        assert metadata[case_id]["healthy"] is metadata[case_id]["subject"].startswith("slab_")
+    # Held-out: lesions on round(0.5 * n) slices, all-zero masks on the others.
+    heldout = _indices(dataset.test_cases)
+    lesioned_test = [i for i in heldout if masks[f"mni152_axial_{i:03d}"].any()]
+    assert lesioned_test == record["lesions"]["lesioned_heldout"]
+    assert len(lesioned_test) == round(0.5 * len(heldout))
+
+
+def test_anomaly_conversion_is_deterministic_per_seed(tmp_path, anomaly_2d, volumes_2mm):
+    assert mni152.main(["-o", str(tmp_path), "-d", "18", "--resolution", "2", "--task", "anomaly_detection",
+                        "--seed", "5", "-q"]) == 0
+    same = tmp_path / "Dataset018_MNI152Axial2DAnomaly"
+    other = convert_mni152(tmp_path, 19, resolution=2, task="anomaly_detection", seed=6)
+    reference, again, changed = load_dataset(anomaly_2d), load_dataset(same), load_dataset(other)
+    assert load_json(same / CONVERSION_RECORD)["lesions"] == load_json(anomaly_2d / CONVERSION_RECORD)["lesions"]
+    differs = 0
+    for case_id in sorted(reference.test_cases) + sorted(reference.cases)[-3:]:
+        image, mask = _slice_arrays({**reference.cases, **reference.test_cases}[case_id])
+        image_again, mask_again = _slice_arrays({**again.cases, **again.test_cases}[case_id])
+        np.testing.assert_array_equal(image, image_again)
+        np.testing.assert_array_equal(mask, mask_again)
+        _, mask_other = _slice_arrays({**changed.cases, **changed.test_cases}[case_id])
+        differs += int(not np.array_equal(mask, mask_other))
+    assert differs > 0  # another seed places other lesions
+
+
+def test_anomaly_task_refuses_3d_and_a_split_without_room(tmp_path, volumes_2mm):
+    with pytest.raises(NnDiffError, match="anomaly_detection needs mode 2d_slices"):
+        convert_mni152(tmp_path, 20, mode="3d", resolution=2, task="anomaly_detection")
+    with pytest.raises(NnDiffError, match="no room for a lesioned slab"):
+        convert_mni152(tmp_path, 21, resolution=2, task="anomaly_detection", lesioned_fraction=0.5)
+    with pytest.raises(NnDiffError, match="needs held-out slices"):
+        convert_mni152(tmp_path, 22, resolution=2, task="anomaly_detection", heldout_fraction=0.0)
+    with pytest.raises(NnDiffError, match="test_lesion_fraction"):
+        convert_mni152(tmp_path, 23, resolution=2, task="anomaly_detection", test_lesion_fraction=1.0)
+    assert not list(tmp_path.glob("Dataset02*"))
+
+
+def test_anomaly_split_layout_on_a_synthetic_mask():
+    split = mni152.plan_anomaly_split(_cube_mask(80), gap=5, heldout_fraction=0.2, lesioned_fraction=0.2)
+    # Brain on slices 5..54 (50 kept): held out 25..34, gaps 20..24 and 35..39; the runs 5..19 and
+    # 40..54 are equally long, so the upper one gives the lesioned slab 40..49 and the gap 50..54.
+    assert split.heldout == list(range(25, 35))
+    assert split.lesioned == list(range(40, 50))
+    assert split.gap == list(range(20, 25)) + list(range(35, 40)) + list(range(50, 55))
+    assert split.train == list(range(5, 20))
+    end = mni152.plan_anomaly_split(_cube_mask(80), gap=5, heldout_position="end", lesioned_fraction=0.2)
+    # Held out at the top (45..54): the lesioned slab sits right below its gap, the healthy rest below.
+    assert end.heldout == list(range(45, 55)) and end.lesioned == list(range(30, 40))
+    assert end.train == list(range(5, 25))
+
+
+def test_insert_lesions_on_a_synthetic_disk():
+    rows, cols = np.mgrid[:32, :32]
+    brain = (rows - 16) ** 2 + (cols - 16) ** 2 <= 14 ** 2
+    image = np.where(brain, 100.0, 0.0).astype(np.float32)
+    out, mask, blobs = mni152.insert_lesions(image, brain, (1.0, 1.0), 200.0, np.random.default_rng(3))
+    again = mni152.insert_lesions(image, brain, (1.0, 1.0), 200.0, np.random.default_rng(3))
+    np.testing.assert_array_equal(out, again[0])
+    assert blobs == again[2]
+    assert mask.any() and not (mask.astype(bool) & ~brain).any()
+    # Every weight left is >= 0.05, a change of >= 3 units here: the mask is exactly the change.
+    np.testing.assert_array_equal(out != image, mask.astype(bool))
+    for blob in blobs:
+        row, col = blob["centre_row_col"]
+        assert brain[row, col] and mask[row, col]
+        # Centre: the blob's full change (|contrast| x 200, soft edge almost 1 in the middle).
+        assert abs(out[row, col] - 100.0) > 0.5 * abs(blob["contrast"]) * 200.0
+    # A brain section too small for any blob: the blob shrinks to fit, still inside the brain.
+    tiny = (rows - 16) ** 2 + (cols - 16) ** 2 <= 3 ** 2
+    _, tiny_mask, tiny_blobs = mni152.insert_lesions(np.where(tiny, 100.0, 0.0), tiny, (1.0, 1.0), 200.0,
+                                                     np.random.default_rng(0))
+    assert tiny_mask.any() and not (tiny_mask.astype(bool) & ~tiny).any()
+    assert all(max(b["semi_axes_mm"]) < 3.0 for b in tiny_blobs)
+    with pytest.raises(NnDiffError, match="without brain"):
+        mni152.insert_lesions(image, np.zeros_like(brain), (1.0, 1.0), 200.0, np.random.default_rng(0))
+
+
+def test_anomaly_dataset_feeds_the_anomaly_evaluation(tmp_path, anomaly_2d, volumes_2mm):
+    """An oracle map (|image - template slice|) scores AUROC 1 against labelsTs; the z-score baseline
+    is fitted on the healthy training slices only (by metadata)."""
+    from nndiff.dataset_conversion.common import write_case_image
+    from nndiff.evaluation.anomaly import evaluate_anomaly_folders
+
+    dataset = load_dataset(anomaly_2d)
+    for case_id, case in dataset.test_cases.items():
+        image, props = read_images(case.images)
+        index = int(_SLICE_ID.match(case_id).group(1))
+        oracle = np.abs(image[0] - volumes_2mm.t1[index, ::-1][None])
+        write_case_image(tmp_path, "oracle", case_id, None, oracle.astype(np.float32), props, ".nii.gz")
+    summary = evaluate_anomaly_folders(anomaly_2d / "labelsTs", tmp_path / "oracle",
+                                       dataset_json=anomaly_2d / "dataset.json")
+    assert summary["num_cases"] == len(dataset.test_cases)
+    assert 0 < summary["num_anomalous_cases"] < summary["num_cases"]
+    assert summary["methods"]["oracle"]["pixel_auroc"] == pytest.approx(1.0)
+    baseline = [m for name, m in summary["methods"].items() if name != "oracle"]
+    assert len(baseline) == 1
+    assert baseline[0]["num_healthy_training"] == sum(dataset.healthy().values())
