@@ -364,3 +364,16 @@ def test_crop_is_refused_for_generation_datasets(tmp_path, capsys):
     code, err = _exit_code(evaluate_folder_entry, [str(tmp_path), str(tmp_path), "--dataset_json",
                                                    str(dataset_json), "--crop", "8", "0"], capsys)
     assert code == 2 and "argument --crop: must be >= 1" in err
+
+
+@pytest.mark.parametrize("command", ["nndiff_predict", "nndiff_evaluate_folder"])
+def test_every_flag_of_the_command_is_in_cli_md(command):
+    from nndiff.run.evaluate import evaluate_folder_parser
+
+    parser = build_parser() if command == "nndiff_predict" else evaluate_folder_parser()
+    cli_md = (Path(__file__).resolve().parents[2] / "documentation" / "cli.md").read_text(encoding="utf-8")
+    row = next(line for line in cli_md.splitlines() if line.startswith(f"| `{command}`"))
+    shared = {"-h", "--help", "-v", "--verbose", "-q", "--quiet", "--raw", "--preprocessed", "--results"}
+    flags = {option for action in parser._actions for option in action.option_strings} - shared
+    missing = sorted(flag for flag in flags if not re.search(rf"{re.escape(flag)}(?![A-Za-z_])", row))
+    assert not missing, f"{command} flags missing from documentation/cli.md: {missing}"
