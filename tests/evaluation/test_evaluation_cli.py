@@ -368,6 +368,16 @@ def test_end_to_end_png_predictions(tmp_path, capsys):
     assert metrics["memorization"] is not None and metrics["intensity_wasserstein1"]["mean"] > 0
     assert summary["inputs"]["prediction"]["files"] == ["sample_0000.png", "sample_0001.png", "sample_0002.png"]
 
+    # --shape: samples of another size than the patch (sizes on the configuration's grid)
+    from nndiff.inference.cli import predict_entry
+
+    roots = ["--raw", paths.raw, "--preprocessed", paths.preprocessed, "--results", paths.results]
+    assert predict_entry([str(a) for a in ["-o", tmp_path / "shaped", "-d", 821, "-c", "tiny", "--num_samples", 1,
+                                           "--shape", 24, 20, "-device", "cpu", *roots]]) == 0
+    array, _ = read_file(tmp_path / "shaped" / "sample_0000.png")
+    info = json.loads((tmp_path / "shaped" / "prediction_info.json").read_text(encoding="utf-8"))
+    assert array.shape[-2:] == (24, 20) and info["shape"] == [24, 20]
+
 
 def test_end_to_end_3d_ct_volumes_and_2d_slices(tmp_path):
     paths, location, heldout = _trained(tmp_path, "3d_ct", 822, {"tiny3d": "3d_fullres", "tiny2d": "2d"})
