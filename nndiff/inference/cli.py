@@ -339,14 +339,19 @@ def predictor_family(cls: type) -> str:
     return cls.__name__
 
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article (an anomaly_detection model, a segmentation model)."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def family_options(args: argparse.Namespace, cls: type, trainer: str) -> dict[str, Any]:
     """Constructor keywords from the family flags; a flag of another family than the model's is refused."""
     family = predictor_family(cls)
     foreign = [f for f in given_family_flags(args) if f.family != family]
     if foreign:
         names = ", ".join(f"{f.flag} ({f.family})" for f in foreign)
-        raise NnDiffError(f"{names}: flag(s) of another model family, but {trainer} is a {family} model "
-                          f"({cls.__name__}). Fix: drop them, or choose a {foreign[0].family} model with -d/-c/-tr")
+        raise NnDiffError(f"{names}: flag(s) of another model family, but {trainer} is {_a(family)} model "
+                          f"({cls.__name__}). Fix: drop them, or choose {_a(foreign[0].family)} model with -d/-c/-tr")
     options: dict[str, Any] = {}
     for f in given_family_flags(args):
         if f.keyword == "warm_start":

@@ -127,7 +127,7 @@ def test_wolleb_classifier_folder_and_scale(trained, tmp_path):
     ("AnomalyDDPMTrainer", ["--calibrate_threshold", "a", "b", "c"], r"takes VAL_IMAGES \[VAL_LABELS\], got 3"),
     ("AnomalyDDPMTrainer", ["--calibrate_threshold", "{inputs}", "{missing}"],
      "validation lesion masks folder .*missing does not exist"),
-    ("AnomalyDDPMTrainer", ["--fusion", "staple"], r"--fusion \(segmentation\).*AnomalyDDPMTrainer is a "
+    ("AnomalyDDPMTrainer", ["--fusion", "staple"], r"--fusion \(segmentation\).*AnomalyDDPMTrainer is an "
                                                     r"anomaly_detection model"),
     ("AnomalyDDPMTrainer", ["--shape", "median"], "--shape sets the size of generated samples"),
     ("AnomalyDDPMTrainer", ["--condition", "healthy=true"], "--condition and --guidance_scale apply to generation"),
