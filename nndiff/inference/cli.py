@@ -56,6 +56,8 @@ def bounded_number(kind: type, low: float, high: float = math.inf, low_inclusive
     argparse turns the error into ``argument --flag: ...`` and exit code 2."""
     interval = (f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
                 if math.isfinite(high) else f"{'>=' if low_inclusive else '>'} {low:g}")
+    if not math.isfinite(low) and not math.isfinite(high):
+        interval = "a finite number"
 
     def parse(text: str) -> Any:
         try:

@@ -147,7 +147,7 @@ def test_misplaced_anomaly_flags_are_refused(trained, tmp_path, capsys, trainer,
     ("--start_fraction", "1.5", r"must be \(0, 1\], got 1.5"),
     ("--classifier_scale", "-1", "must be >= 0, got -1"),
     ("--smoothing_sigma", "nan", "must be >= 0"),
-    ("--threshold", "inf", "got inf"),
+    ("--threshold", "inf", "must be a finite number, got inf"),
     ("--fusion", "vote", "invalid choice: 'vote'"),
     ("--uncertainty", "mutual_information", "invalid choice: 'mutual_information'"),
 ])
