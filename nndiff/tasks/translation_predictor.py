@@ -136,13 +136,41 @@ class TranslationPredictor(Predictor):
 
     def predict_case(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator) -> torch.Tensor:
         """One target sample ``(C_t, Z, Y, X)`` for the case's images ``(C, Z, Y, X)``."""
+        return self.sample_copies(data, case, generator, 1)[0]
+
+    def predict_case_samples(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator,
+                             num_samples: int) -> torch.Tensor:
+        """``num_samples`` targets ``(K, C_t, Z, Y, X)``, drawn together (:meth:`sample_copies`) unless a
+        subclass samples differently (:meth:`batches_samples` false: one :meth:`predict_case` per sample)."""
+        if not self.batches_samples():
+            return super().predict_case_samples(data, case, generator, num_samples)
+        return self.sample_copies(data, case, generator, num_samples)
+
+    def batches_samples(self) -> bool:
+        """Whether K samples may share sampler runs: true while :meth:`predict_case` is this class's
+        conditional sampling; a subclass with its own ``predict_case`` (e.g. a warm start) keeps the
+        per-sample loop unless it overrides this."""
+        return type(self).predict_case is TranslationPredictor.predict_case
+
+    def sample_copies(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator,
+                      num_samples: int) -> torch.Tensor:
+        """``num_samples`` targets ``(K, C_t, Z, Y, X)`` for the case's images ``(C, Z, Y, X)``.
+
+        The K copies of the case (2D: of each slice) are the batch items of the sampler, at most
+        ``batch_size`` per run, so a step costs ceil(K * Z / batch_size) network calls (2D; 3D:
+        ceil(K / batch_size)), times the sliding windows, instead of K times as many calls with K
+        sequential samples (the GPU run's slow translation: one slice per case, K = 4 .. 8).
+        K = 1 is exactly the former per-slice batching.
+        """
         missing = [int(c) for c in case.case_json.get(MISSING_CHANNELS_KEY) or []]
         available = availability([missing], self.layout.num_images, self.device)
         pad_values = data.reshape(data.shape[0], -1).amin(dim=1)  # the whole case's minima, as training
-        if self.is_2d:
-            return self.map_slices(lambda s: self.sample_batch(s, available.expand(s.shape[0], -1), pad_values,
-                                                               generator), data)
-        return self.sample_batch(data[None], available, pad_values, generator)[0]
+        items = data.permute(1, 0, 2, 3) if self.is_2d else data[None]  # (Z, C, Y, X) slices or (1, C, ...)
+        copies = items.repeat(num_samples, *([1] * (items.ndim - 1)))  # sample-major: copy k of item i at k*n + i
+        outputs = [self.sample_batch(chunk, available.expand(chunk.shape[0], -1), pad_values, generator)
+                   for chunk in copies.split(max(1, self.batch_size))]
+        samples = torch.cat(outputs).reshape(num_samples, items.shape[0], *outputs[0].shape[1:])
+        return samples.permute(0, 2, 1, 3, 4) if self.is_2d else samples[:, 0]
 
     # ---- missing channels -------------------------------------------------------------------
     def prepare_with_missing(self, images: np.ndarray, properties: Any, identifier: str,

@@ -282,6 +282,64 @@ def test_3d_windowed_sampling_equals_whole_volume_sampling_where_it_fits(ct_mode
     assert out.shape == (1, 12, 20, 16) and torch.isfinite(out).all()
 
 
+def _counted(predictor: TranslationPredictor) -> list[tuple[int, ...]]:
+    """Input shapes of every network call of the predictor's (single) fold."""
+    shapes: list[tuple[int, ...]] = []
+    predictor.networks[0].register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_monte_carlo_samples_share_network_calls_2d(ct_model):
+    """Regression (GPU run, issue 5): K samples of a one-slice case ran K sequential samplers of
+    batch 1 (K x steps x windows calls). Now the K copies are the sampler's batch items: with
+    batch_size 4 a step is one call per window for K = 4 (3 steps x 3x3 windows = 27 calls)."""
+    model_dir = ct_model["paths"].results / ct_model["pre"].name / "TranslationTrainer__nnDiffPlans__tiny_2d"
+    predictor = TranslationPredictor.from_model_folder(model_dir, device="cpu", preprocessed_dir=ct_model["pre"])
+    predictor.batch_size = 4
+    shapes = _counted(predictor)
+    data = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))  # one 16x16 slice, 8x8 patch
+    case = PreparedCase("one_slice", data.numpy(), {})
+    samples = predictor._run_case(case, seed=4, num_samples=4)
+    assert samples.shape == (4, 1, 1, 16, 16) and torch.isfinite(samples).all()
+    assert len(shapes) == 3 * 9 and set(shapes) == {(4, 1, 8, 8)}
+    assert all(not torch.equal(samples[0], samples[k]) for k in (1, 2, 3))  # independent noise per copy
+    torch.testing.assert_close(predictor._run_case(case, seed=4, num_samples=4), samples)  # seeded per case
+    # 3 slices x K = 2 = 6 items in batches of 4: two calls per window and step (not K x 1)
+    shapes.clear()
+    volume = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = predictor.predict_case_samples(volume, PreparedCase("three", volume.numpy(), {}),
+                                         torch.Generator().manual_seed(2), 2)
+    assert out.shape == (2, 1, 3, 16, 16)
+    assert len(shapes) == 3 * 9 * 2 and sorted(set(s[0] for s in shapes)) == [2, 4]
+    # K = 1 is the per-slice batching of predict_case
+    shapes.clear()
+    single = predictor.predict_case(volume, PreparedCase("three", volume.numpy(), {}), torch.Generator().manual_seed(2))
+    assert single.shape == (1, 3, 16, 16) and len(shapes) == 3 * 9 * 1 and set(s[0] for s in shapes) == {3}
+
+
+def test_monte_carlo_samples_share_network_calls_3d_and_subclass_loop(ct_model):
+    """3D: K volumes in batches of batch_size. A subclass with its own predict_case (e.g. a warm
+    start) keeps one predict_case per sample."""
+    model_dir = ct_model["paths"].results / ct_model["pre"].name / "TranslationTrainer__nnDiffPlans__tiny_3d"
+    predictor = TranslationPredictor.from_model_folder(model_dir, device="cpu", preprocessed_dir=ct_model["pre"])
+    predictor.batch_size = 2
+    shapes = _counted(predictor)
+    data = torch.randn(1, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = predictor.predict_case_samples(data, PreparedCase("vol", data.numpy(), {}), torch.Generator().manual_seed(1), 3)
+    assert out.shape == (3, 1, 8, 16, 16)
+    assert len(shapes) == 3 * 2 and sorted(s[0] for s in shapes) == [1, 1, 1, 2, 2, 2]  # 3 steps x (2 + 1)
+
+    class OwnSampling(TranslationPredictor):
+        def predict_case(self, data, case, generator):
+            return torch.full((1, *data.shape[1:]), float(torch.rand((), generator=generator)))
+
+    predictor.__class__ = OwnSampling
+    assert not predictor.batches_samples()
+    looped = predictor.predict_case_samples(data, PreparedCase("vol", data.numpy(), {}),
+                                            torch.Generator().manual_seed(1), 3)
+    assert looped.shape == (3, 1, 8, 16, 16) and len(set(float(v) for v in looped[:, 0, 0, 0, 0])) == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # The conditioning is used
 # ----------------------------------------------------------------------------------------------
