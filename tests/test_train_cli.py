@@ -88,13 +88,14 @@ def test_user_errors_exit_2_with_message(planned, capsys, argv, message):
 
 def test_default_trainer_by_family():
     expected = {"generation": "GenerationTrainer", "translation": "TranslationTrainer",
-                "denoising": "DenoisingTrainer", "reconstruction": "ReconstructionTrainer"}
+                "denoising": "DenoisingTrainer", "reconstruction": "ReconstructionTrainer",
+                "anomaly_detection": "AnomalyDDPMTrainer", "segmentation": "SegmentationDiffusionTrainer"}
     for task, trainer in expected.items():
         assert default_trainer({"task": task}) == trainer
     from nndiff.errors import NnDiffError
 
-    with pytest.raises(NnDiffError, match="no default trainer for task family 'segmentation'.*-tr"):
-        default_trainer({"task": "segmentation"})
+    with pytest.raises(NnDiffError, match="no default trainer for task family 'registration'.*-tr"):
+        default_trainer({"task": "registration"})
 
 
 def test_choose_configuration_prefers_3d_fullres_for_3d_data():

@@ -240,6 +240,11 @@ def test_latent_refused_for_other_families(planned):
         LatentDiffusionTrainer(other, TINY, 0, _pre(planned[0]), output_dir=Path("unused"), device="cpu")
     assert latent.latent_trainer_for(plans, _configuration(plans), TINY) == "LatentDiffusionTrainer"
     assert latent.latent_trainer_for(plans, resolve_configuration(plans, "2d"), "2d") is None
+    from nndiff.run.train import default_trainer  # what nndiff_train / nndiff_plan_and_train use without -tr
+
+    assert default_trainer(plans, TINY) == "LatentDiffusionTrainer" and default_trainer(plans, "2d") == "GenerationTrainer"
+    with pytest.raises(NnDiffError, match="latent not supported for translation"):
+        default_trainer(other, TINY)
 
 
 def test_pixel_trainers_refuse_latent_configurations(planned):
