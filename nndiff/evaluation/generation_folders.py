@@ -34,8 +34,14 @@ from nndiff.utils.files import load_json, save_json
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-#: Families whose folder evaluation comes with later issues (named in the refusal message).
-LATER_FAMILIES = tuple(f.value for f in TaskFamily if f != TaskFamily.GENERATION)
+#: Where each other family's folder evaluation lives (named in the refusal message).
+OTHER_FAMILY_EVALUATIONS = {
+    TaskFamily.TRANSLATION.value: "nndiff.evaluation.translation.evaluate_translation_folders",
+    TaskFamily.DENOISING.value: "nndiff.evaluation.denoising.evaluate_denoising",
+    TaskFamily.RECONSTRUCTION.value: "nndiff.evaluation.reconstruction.evaluate_reconstruction",
+    TaskFamily.ANOMALY_DETECTION.value: "nndiff.evaluation.anomaly.evaluate_anomaly_folders",
+    TaskFamily.SEGMENTATION.value: "nndiff.evaluation.segmentation.evaluate_segmentation_folders",
+}
 
 
 # --------------------------------------------------------------------------- dataset facts
@@ -55,13 +61,13 @@ def _load_dataset_json(dataset_json: PathLike | Mapping[str, Any] | None) -> tup
 
 
 def _check_generation(data: dict, where: str) -> None:
-    """Only generation datasets are evaluated here; say which families come later."""
+    """Only generation datasets are evaluated here; name the evaluation of the dataset's family."""
     task = data.get("task")
     if task != TaskFamily.GENERATION.value:
-        raise NnDiffError(
-            f"{where}: task is {task!r}, but nndiff_evaluate_folder evaluates generation datasets only "
-            f"in this version; folder evaluation for {', '.join(LATER_FAMILIES)} comes with later issues. "
-            "Fix: pass a dataset whose dataset.json has \"task\": \"generation\"")
+        other = OTHER_FAMILY_EVALUATIONS.get(str(task))
+        fix = (f"use {other} (or nndiff_evaluate_folder, which dispatches by task)" if other else
+               "pass a dataset whose dataset.json has \"task\": \"generation\"")
+        raise NnDiffError(f"{where}: task is {task!r}; this function evaluates generation datasets only. Fix: {fix}")
 
 
 def _channels_and_ending(data: dict | None) -> tuple[int | None, str | None]:

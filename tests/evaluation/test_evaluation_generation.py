@@ -101,3 +101,15 @@ def test_single_sample_skips_pairwise_and_feature_metrics(rng, extractor_path):
     expected = wasserstein_distance(real[0].ravel() + 1.0, real.ravel())
     assert summary["intensity_wasserstein1"]["mean"] == pytest.approx(expected, rel=1e-12)
     assert summary["memorization"]["nearest_ssim_index"] == [0]
+
+
+@pytest.mark.parametrize("task, function", [("segmentation", "evaluate_segmentation_folders"),
+                                            ("anomaly_detection", "evaluate_anomaly_folders"),
+                                            ("registration", None)])
+def test_generation_folder_evaluation_names_the_family_evaluation(tmp_path, task, function):
+    from nndiff.errors import NnDiffError
+    from nndiff.evaluation.generation_folders import evaluate_generation_folders
+
+    with pytest.raises(NnDiffError, match=f"task is '{task}'.*generation datasets only") as info:
+        evaluate_generation_folders(tmp_path, tmp_path, dataset_json={"task": task})
+    assert (function or '"task": "generation"') in str(info.value)
