@@ -242,8 +242,10 @@ class ReconstructionPredictor(Predictor):
         return image.float()
 
     def reconstruct_slice(self, operator: LinearOperator, y: torch.Tensor, generator: torch.Generator,
-                          source: str) -> torch.Tensor:
-        """One sample ``(1, in_channels, H, W)`` in network units for a normalised measurement ``y``."""
+                          source: str, num_samples: int = 1) -> torch.Tensor:
+        """``num_samples`` samples ``(num_samples, in_channels, H, W)`` in network units for a
+        normalised measurement ``y`` ``(1, ...)``, drawn as one batch of the sampler (the data
+        consistency broadcasts y over the batch; each sample draws its own noise)."""
         operator = self.network_operator(operator)
         operator.check_measurement(y, source)
         shape = self._image_shape(operator, y)
@@ -252,14 +254,14 @@ class ReconstructionPredictor(Predictor):
         hooks = self._hooks(operator, y, model, generator, source)
         steps = self.num_steps or self.diffusion.num_sampling_steps
         if self.warm_start and self.start_fraction < 1.0:
-            x_init = self.baseline(operator, y)
+            x_init = self.baseline(operator, y).expand(num_samples, -1, -1, -1)
             t0 = self.process.t_clean + self.start_fraction * (self.process.t_max - self.process.t_clean)
             start = warm_start_state(self.process, x_init, t0, generator)
             steps = max(1, round(steps * self.start_fraction))
             out = sample(sampler, model, start_at=start, num_steps=steps, generator=generator, **hooks)
         else:
-            out = sample(sampler, model, (1, self.in_channels, *shape), generator=generator, device=self.device,
-                         **hooks)
+            out = sample(sampler, model, (num_samples, self.in_channels, *shape), generator=generator,
+                         device=self.device, **hooks)
         return out.sample.float()
 
     @staticmethod
@@ -291,7 +293,9 @@ class ReconstructionPredictor(Predictor):
                 "residual": float(np.mean([p["residual"] for p in parts]))}
 
     def reconstruct_with(self, case: CaseMeasurement, generator: torch.Generator, num_samples: int) -> dict[str, Any]:
-        """``num_samples`` reconstructions of every slice of ``case`` drawn with ``generator``."""
+        """``num_samples`` reconstructions of every slice of ``case`` drawn with ``generator``; the
+        samples of a slice run together, ``batch_size`` per sampler run (K sequential runs of batch 1
+        would cost K times the network calls)."""
         samples, baselines, residuals = [], [], []
         with torch.no_grad():
             for s, operator in enumerate(case.operators):
@@ -299,13 +303,18 @@ class ReconstructionPredictor(Predictor):
                 net_op = self.network_operator(operator)
                 baselines.append(self.to_complex(self.baseline(net_op, y)).cpu())
                 per_sample = []
-                for _ in range(num_samples):
-                    x = self.reconstruct_slice(operator, y, generator, case.source)
-                    residuals.append(float(residual(net_op, y, x).mean()))
-                    per_sample.append(self.to_complex(x).cpu())
+                for count in self.sample_chunks(num_samples):
+                    x = self.reconstruct_slice(operator, y, generator, case.source, count)
+                    residuals += [float(r) for r in residual(net_op, y, x)]
+                    per_sample += [self.to_complex(x[k:k + 1]).cpu() for k in range(count)]
                 samples.append(torch.stack(per_sample))
         return {"samples": torch.stack(samples, dim=1), "baseline": torch.stack(baselines),
                 "residual": float(np.mean(residuals))}
+
+    def sample_chunks(self, num_samples: int) -> list[int]:
+        """Sizes of the sampler runs for ``num_samples`` samples of one slice: ``batch_size`` each, the rest last."""
+        size = max(1, self.batch_size)
+        return [min(size, num_samples - start) for start in range(0, num_samples, size)]
 
     def write_case(self, case: CaseMeasurement, result: dict[str, Any], output_dir: Path,
                    with_std: bool = True) -> list[Path]:

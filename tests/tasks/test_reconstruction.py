@@ -357,3 +357,34 @@ def test_real_prior_simulate_predict_enforces_measurement(magnitude_model, tmp_p
     for entry in info["cases"].values():
         assert entry["dc_residual"] < 1e-4
         assert entry["acceleration"] == pytest.approx(4.0, rel=0.1)
+
+
+def test_monte_carlo_samples_of_a_slice_share_sampler_runs(magnitude_model):
+    """K samples of a slice run as batches of batch_size (K = 3, batch 2: two runs), not K runs of
+    batch 1; each sample keeps the measurement and draws its own noise."""
+    from nndiff.dataset.io import read_images
+    from nndiff.tasks.reconstruction_predictor import ReconstructionPredictor
+
+    predictor = ReconstructionPredictor.from_model_folder(magnitude_model["model_dir"], device="cpu",
+                                                          preprocessed_dir=magnitude_model["pre"])
+    batches: list[int] = []
+    predictor.networks[0].register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    images, props = read_images([magnitude_model["raw"] / "imagesTr" / "mr_001_0000.npy"])
+    case = predictor.simulated_case("mr_001", images, props, predictor.simulation_settings(), 0, "mr_001")
+    predictor.reconstruct_case(case, seed=1, num_samples=1)
+    steps = len(batches)
+    assert steps >= 1 and set(batches) == {1}
+    batches.clear()
+    predictor.batch_size = 2
+    assert predictor.sample_chunks(3) == [2, 1] and predictor.sample_chunks(4) == [2, 2]
+    result = predictor.reconstruct_case(case, seed=1, num_samples=3)
+    assert batches == [2] * steps + [1] * steps
+    samples = result["samples"]
+    assert samples.shape == (3, 1, 16, 16) and result["residual"] < 1e-4
+    assert not torch.equal(samples[0], samples[1]) and not torch.equal(samples[1], samples[2])
+    for dc in ("dps", "mcg"):  # the gradient hooks work per sample of the batch too
+        other = ReconstructionPredictor.from_model_folder(magnitude_model["model_dir"], device="cpu", dc=dc,
+                                                          preprocessed_dir=magnitude_model["pre"], batch_size=2)
+        out = other.reconstruct_case(case, seed=1, num_samples=2)
+        assert out["samples"].shape == (2, 1, 16, 16) and torch.isfinite(out["samples"]).all()
+        assert np.isfinite(out["residual"])
