@@ -149,6 +149,11 @@ class DenoisingPredictor(TranslationPredictor):
                      generator=generator, device=images.device)
         return out.sample.float()[crop]
 
+    def batches_samples(self) -> bool:
+        """K samples share sampler runs in the conditional strategy (it is the translation sampler);
+        the warm start keeps one run per sample (its start depends on the case's noise estimate)."""
+        return self.strategy == "conditional"
+
     def predict_case(self, data: torch.Tensor, case: PreparedCase, generator: torch.Generator) -> torch.Tensor:
         """One sample ``(C_out, Z, Y, X)``: conditional sampling or the warm start (module doc)."""
         if self.strategy == "conditional":

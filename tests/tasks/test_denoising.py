@@ -218,6 +218,22 @@ def test_predict_both_strategies_monte_carlo_with_geometry(clean_only, tmp_path,
         assert all(v["sigma"] > 0 for v in info["warm_starts"].values())
 
 
+@pytest.mark.parametrize("strategy, batch", [("conditional", 4), ("warm_start", 1)])
+def test_conditional_samples_share_sampler_runs(clean_only, strategy, batch):
+    """K = 4 samples of a one-slice case: the conditional strategy runs them as one batch of 4 (as
+    translation); the warm start keeps one batch-1 run per sample."""
+    predictor = DenoisingPredictor.from_model_folder(clean_only["model_dir"], device="cpu",
+                                                     preprocessed_dir=clean_only["pre"], strategy=strategy)
+    predictor.batch_size = 4
+    shapes: list[tuple[int, ...]] = []
+    predictor.networks[0].register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    images, props = read_images([clean_only["heldout"] / "imagesTr" / "case_000_0000.png"])
+    case = predictor.prepare_case(images, props, "case_000")
+    samples = predictor._run_case(case, seed=2, num_samples=4)
+    assert samples.shape[0] == 4 and torch.isfinite(samples).all()
+    assert {s[0] for s in shapes} == {batch}
+
+
 def test_warm_start_begins_at_the_matching_timestep_of_a_known_sigma(clean_only):
     sigma = 0.1
     predictor = DenoisingPredictor.from_model_folder(clean_only["model_dir"], device="cpu",
