@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nndiff.diffusion.config import DiffusionConfig, build_noise, build_process, build_sampler
-from nndiff.diffusion.losses import ImportanceTimeSampler, diffusion_loss
+from nndiff.diffusion.config import DiffusionConfig, build_process, build_sampler
+from nndiff.diffusion.losses import diffusion_loss
 from nndiff.diffusion.options import Guidance
 from nndiff.diffusion.samplers import sample
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.networks import NULL_LABEL, drop_conditions
+from nndiff.training.diffusion_parts import DiffusionPartsMixin
 from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
 from nndiff.training.rng import torch_generator
 from nndiff.utils.files import load_json
@@ -275,7 +276,7 @@ def sample_images(network: nn.Module, plans_config: Mapping[str, Any], num_sampl
 # The trainer
 # ----------------------------------------------------------------------------------------------
 @register_trainer
-class GenerationTrainer(Trainer):
+class GenerationTrainer(DiffusionPartsMixin, Trainer):
     """Diffusion training for image generation (unconditional or class/metadata conditioned).
 
     Loss: ``diffusion_loss`` on the plan's parameterization, weighting and noise type; t uniform
@@ -285,13 +286,7 @@ class GenerationTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if "diffusion" not in self.configuration:
-            raise PlansError(f"configuration {self.configuration_name!r} has no 'diffusion' block. "
-                             "Fix: re-run planning")
-        self.diffusion = DiffusionConfig.from_dict(self.configuration["diffusion"])
-        self.process = build_process(self.diffusion)
-        self.noise_fn = build_noise(self.diffusion)
-        self.time_sampler = ImportanceTimeSampler(self.process) if self.diffusion.importance_sampling else None
+        self.setup_diffusion()
         self.conditions = ConditionEncoder()
         self._case_labels: dict[str, int] = {}
         self._case_continuous: dict[str, list[float]] = {}
@@ -344,21 +339,12 @@ class GenerationTrainer(Trainer):
                                              ).reshape(len(keys), self.conditions.num_continuous)
         return out
 
-    def _draw_t(self, batch_size: int, generators: Sequence[torch.Generator] | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training: uniform or importance-sampled t from the global RNG; validation: uniform per sample."""
-        if generators is None and self.time_sampler is not None:
-            t, weights = self.time_sampler.sample(batch_size, device=self.device)
-            return t, weights
-        t = per_sample(lambda n, g: self.process.sample_t(n, g, device=self.device), generators, batch_size)
-        return t, None
-
     def compute_loss(self, network: nn.Module, batch: Mapping[str, Any], *, train: bool,
                      generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted diffusion loss on the plan's target; conditions dropped with ``condition_dropout`` in training."""
         x0 = batch["data"]
         n = x0.shape[0]
-        t, weights = self._draw_t(n, generators)
+        t, weights = self.draw_t(n, generators)
         noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
                                                       dtype=x0.dtype), generators, n)
         x_t = self.process.add_noise(x0, noise, t)
@@ -414,13 +400,9 @@ class GenerationTrainer(Trainer):
     def checkpoint_extra_state(self) -> dict[str, Any]:
         """The condition encoding (the predictor needs it) and the importance sampler's history."""
         state: dict[str, Any] = {"conditions": self.conditions.to_dict()}
-        if self.time_sampler is not None:
-            state["time_sampler"] = self.time_sampler.state_dict()
-        return state
+        return {**state, **self.time_sampler_extra()}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         if "conditions" in state and (state["conditions"].get("categorical") or state["conditions"].get("continuous")):
             self._set_conditions(ConditionEncoder.from_dict(state["conditions"]))
-        sampler_state = state.get("time_sampler")
-        if self.time_sampler is not None and sampler_state is not None:
-            self.time_sampler.load_state_dict(sampler_state)
+        self.load_time_sampler_extra(state)

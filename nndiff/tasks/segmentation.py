@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiff.diffusion.config import DiffusionConfig, build_noise, build_process
-from nndiff.diffusion.losses import ImportanceTimeSampler, diffusion_loss
+from nndiff.diffusion.losses import diffusion_loss
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.tasks.translation import network_model_fn, sample_translation
+from nndiff.training.diffusion_parts import DiffusionPartsMixin
 from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
 from nndiff.training.data import validation_batches
 from nndiff.training.rng import torch_generator
@@ -257,7 +257,7 @@ class SegmentationTrainerBase(Trainer):
 # The trainers
 # ----------------------------------------------------------------------------------------------
 @register_trainer
-class SegmentationDiffusionTrainer(SegmentationTrainerBase):
+class SegmentationDiffusionTrainer(DiffusionPartsMixin, SegmentationTrainerBase):
     """Diffusion of the one-hot (or region) mask in [-1, 1] conditioned on the image channels.
 
     Loss: ``diffusion_loss`` with the plan's parameterization, weighting and noise type; t uniform
@@ -266,13 +266,7 @@ class SegmentationDiffusionTrainer(SegmentationTrainerBase):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if "diffusion" not in self.configuration or "network" not in self.configuration:
-            raise PlansError(f"configuration {self.configuration_name!r} has no 'diffusion' or 'network' block. "
-                             "Fix: re-run planning")
-        self.diffusion = DiffusionConfig.from_dict(self.configuration["diffusion"])
-        self.process = build_process(self.diffusion)
-        self.noise_fn = build_noise(self.diffusion)
-        self.time_sampler = ImportanceTimeSampler(self.process) if self.diffusion.importance_sampling else None
+        self.setup_diffusion("network")
 
     def make_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Base tensors plus ``x0``: the encoded label patch scaled to [-1, 1]."""
@@ -280,18 +274,12 @@ class SegmentationDiffusionTrainer(SegmentationTrainerBase):
         out["x0"] = to_signed(self.batch_masks(batch, out))
         return out
 
-    def _draw_t(self, n: int, generators: Sequence[torch.Generator] | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if generators is None and self.time_sampler is not None:
-            return self.time_sampler.sample(n, device=self.device)
-        return per_sample(lambda k, g: self.process.sample_t(k, g, device=self.device), generators, n), None
-
     def compute_loss(self, network: nn.Module, batch: Mapping[str, Any], *, train: bool,
                      generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted diffusion loss on the mask channels, conditioned on the images."""
         x0 = batch["x0"]
         n = x0.shape[0]
-        t, weights = self._draw_t(n, generators)
+        t, weights = self.draw_t(n, generators)
         noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
                                                       dtype=x0.dtype), generators, n)
         x_t = self.process.add_noise(x0, noise, t)
@@ -336,14 +324,10 @@ class SegmentationDiffusionTrainer(SegmentationTrainerBase):
 
     def checkpoint_extra_state(self) -> dict[str, Any]:
         state = super().checkpoint_extra_state()
-        if self.time_sampler is not None:
-            state["time_sampler"] = self.time_sampler.state_dict()
-        return state
+        return {**state, **self.time_sampler_extra()}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        sampler_state = state.get("time_sampler")
-        if self.time_sampler is not None and sampler_state is not None:
-            self.time_sampler.load_state_dict(sampler_state)
+        self.load_time_sampler_extra(state)
 
 
 @register_trainer

@@ -23,11 +23,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from nndiff.diffusion.config import DiffusionConfig, build_noise, build_process, build_sampler
-from nndiff.diffusion.losses import ImportanceTimeSampler, diffusion_loss
+from nndiff.diffusion.config import DiffusionConfig, build_process, build_sampler
+from nndiff.diffusion.losses import diffusion_loss
 from nndiff.diffusion.samplers import sample
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.preprocessing.case_io import MISSING_CHANNELS_KEY  # CASE.json: channels a case lacks
+from nndiff.training.diffusion_parts import DiffusionPartsMixin
 from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
 from nndiff.training.data import load_case_json
 from nndiff.training.rng import torch_generator
@@ -149,7 +150,7 @@ def sample_translation(model_fn: ModelFn, configuration: Mapping[str, Any], cond
 # The trainer
 # ----------------------------------------------------------------------------------------------
 @register_trainer
-class TranslationTrainer(Trainer):
+class TranslationTrainer(DiffusionPartsMixin, Trainer):
     """Diffusion of the target channels conditioned on the source images (paired translation).
 
     Batches carry ``data`` (source images, normalised) and ``target`` (the channels to produce).
@@ -163,13 +164,7 @@ class TranslationTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if "diffusion" not in self.configuration or "network" not in self.configuration:
-            raise PlansError(f"configuration {self.configuration_name!r} has no 'diffusion' or 'network' block. "
-                             "Fix: re-run planning")
-        self.diffusion = DiffusionConfig.from_dict(self.configuration["diffusion"])
-        self.process = build_process(self.diffusion)
-        self.noise_fn = build_noise(self.diffusion)
-        self.time_sampler = ImportanceTimeSampler(self.process) if self.diffusion.importance_sampling else None
+        self.setup_diffusion("network")
         self.layout: ConditionLayout | None = None
         self.missing_channels: dict[str, list[int]] = {}
 
@@ -226,12 +221,6 @@ class TranslationTrainer(Trainer):
                                         self.layout.num_images, self.device)
         return out
 
-    def _draw_t(self, batch_size: int, generators: Sequence[torch.Generator] | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if generators is None and self.time_sampler is not None:
-            return self.time_sampler.sample(batch_size, device=self.device)
-        return per_sample(lambda n, g: self.process.sample_t(n, g, device=self.device), generators, batch_size), None
-
     def batch_condition(self, batch: Mapping[str, Any], train: bool) -> torch.Tensor:
         """``cond_image`` of a batch; in training (mask mode) with random channel dropping."""
         assert self.layout is not None, "initialize() first"
@@ -245,7 +234,7 @@ class TranslationTrainer(Trainer):
         """Weighted diffusion loss on the targets, conditioned on the (masked) source images."""
         x0 = batch["target"]
         n = x0.shape[0]
-        t, weights = self._draw_t(n, generators)
+        t, weights = self.draw_t(n, generators)
         noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
                                                       dtype=x0.dtype), generators, n)
         x_t = self.process.add_noise(x0, noise, t)
@@ -298,11 +287,7 @@ class TranslationTrainer(Trainer):
         assert self.layout is not None
         state: dict[str, Any] = {"condition_layout": {"num_images": self.layout.num_images,
                                                       "with_mask": self.layout.with_mask}}
-        if self.time_sampler is not None:
-            state["time_sampler"] = self.time_sampler.state_dict()
-        return state
+        return {**state, **self.time_sampler_extra()}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        sampler_state = state.get("time_sampler")
-        if self.time_sampler is not None and sampler_state is not None:
-            self.time_sampler.load_state_dict(sampler_state)
+        self.load_time_sampler_extra(state)
