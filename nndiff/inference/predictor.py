@@ -451,23 +451,29 @@ class Predictor:
         ``num_mc_samples`` K > 1: the mean of K samples is the prediction and the per-voxel
         standard deviation is written as ``{CASE}_std{ending}``.
         """
-        from nndiff.dataset.io import read_images
-
         if num_mc_samples > 1 and self.output_kind == "seg":
             raise NnDiffError("Monte-Carlo mean/std is defined for intensity outputs, not label maps. "
                               "Fix: predict label maps with one sample")
         output_dir = Path(output_dir)
-        cases = find_input_cases(input_dir, self.file_ending, self.num_input_channels)
         written: list[Path] = []
-        for item in cases:
-            images, properties = read_images(item.files)
-            case = self.prepare_case(images, properties, item.identifier)
+        count = 0
+        for case in self.prepared_cases(input_dir):
             output = self._run_case(case, seed, num_mc_samples)
-            written += self.write_case_output(output, case, output_dir, item.identifier, num_mc_samples)
-            logger.info("predicted %s", item.identifier)
+            written += self.write_case_output(output, case, output_dir, case.identifier, num_mc_samples)
+            logger.info("predicted %s", case.identifier)
+            count += 1
         self._write_info(output_dir, seed, {"mode": "predict", "input_dir": str(input_dir),
-                                            "num_cases": len(cases), "num_mc_samples": num_mc_samples})
+                                            "num_cases": count, "num_mc_samples": num_mc_samples})
         return written
+
+    def prepared_cases(self, input_dir: str | Path) -> Iterator[PreparedCase]:
+        """Every ``{CASE}_{XXXX}{ending}`` case of ``input_dir``, read and preprocessed, one at a time
+        (the case list is checked before the first is read)."""
+        from nndiff.dataset.io import read_images
+
+        for item in find_input_cases(input_dir, self.file_ending, self.num_input_channels):
+            images, properties = read_images(item.files)
+            yield self.prepare_case(images, properties, item.identifier)
 
     # ------------------------------------------------------------------------------------------
     # Monte Carlo

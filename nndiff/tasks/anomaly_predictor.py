@@ -50,7 +50,7 @@ from nndiff.diffusion.config import DiffusionConfig, build_process, build_sample
 from nndiff.diffusion.guidance import grad_of_log_prob
 from nndiff.diffusion.samplers import invert, sample
 from nndiff.errors import NnDiffError, PlansError
-from nndiff.inference.files import find_input_cases, write_output
+from nndiff.inference.files import write_output
 from nndiff.inference.model_folder import checked_weights, fold_dirs, load_network, parse_model_folder_name
 from nndiff.inference.predictor import DEFAULT_CHECKPOINT, PreparedCase, Predictor
 from nndiff.inference.registry import register_predictor
@@ -484,26 +484,21 @@ class AnomalyPredictor(Predictor):
         if num_mc_samples > 1:
             self.num_reconstructions = int(num_mc_samples)
         output_dir = Path(output_dir)
-        cases = find_input_cases(input_dir, self.file_ending, self.num_input_channels)
         written: list[Path] = []
-        for item in cases:
-            images, properties = read_images(item.files)
-            case = self.prepare_case(images, properties, item.identifier)
+        identifiers = []
+        for case in self.prepared_cases(input_dir):
+            identifiers.append(case.identifier)
             outputs = self.case_outputs(case, seed)
-            self.case_scores[item.identifier] = outputs["score"]
-            written += self.write_case(outputs, output_dir, item.identifier)
-            logger.info("anomaly map of %s (score %.4g)", item.identifier, outputs["score"])
-        self._write_info(output_dir, seed, {"mode": "predict", "input_dir": str(input_dir), "num_cases": len(cases)})
+            self.case_scores[case.identifier] = outputs["score"]
+            written += self.write_case(outputs, output_dir, case.identifier)
+            logger.info("anomaly map of %s (score %.4g)", case.identifier, outputs["score"])
+        self._write_info(output_dir, seed, {"mode": "predict", "input_dir": str(input_dir),
+                                            "num_cases": len(identifiers)})
         return written
 
     def anomaly_maps(self, input_dir: str | Path, seed: int = 0) -> dict[str, np.ndarray]:
         """Case id -> anomaly map ``(1, Z, Y, X)`` on the original grid (nothing written)."""
-        maps = {}
-        for item in find_input_cases(input_dir, self.file_ending, self.num_input_channels):
-            images, properties = read_images(item.files)
-            maps[item.identifier] = self.case_outputs(self.prepare_case(images, properties, item.identifier),
-                                                      seed)["map"]
-        return maps
+        return {case.identifier: self.case_outputs(case, seed)["map"] for case in self.prepared_cases(input_dir)}
 
     def _write_info(self, output_dir: Path, seed: int, extra: dict[str, Any]) -> None:
         """The base's prediction_info.json plus the strategy, its settings, case scores and thresholds."""

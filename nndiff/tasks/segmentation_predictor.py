@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from nndiff.errors import NnDiffError, PlansError
-from nndiff.inference.files import find_input_cases, write_output
+from nndiff.inference.files import write_output
 from nndiff.inference.predictor import PreparedCase, Predictor
 from nndiff.inference.registry import register_predictor
 from nndiff.tasks.segmentation import (
@@ -342,22 +342,17 @@ class SegmentationPredictor(Predictor):
                             num_mc_samples: int | None = None) -> list[Path]:
         """Segment every ``{CASE}_{XXXX}{ending}`` case of ``input_dir``; ``num_mc_samples`` is K
         (``None``: :attr:`num_samples`, i.e. the plan's or the constructor's)."""
-        from nndiff.dataset.io import read_images
-
         k = self.num_samples if num_mc_samples is None else self.resolve_num_samples(num_mc_samples)
         output_dir = Path(output_dir)
-        cases = find_input_cases(input_dir, self.file_ending, self.num_input_channels)
         written: list[Path] = []
         uncertainty_files: dict[str, str] = {}
-        for item in cases:
-            images, properties = read_images(item.files)
-            case = self.prepare_case(images, properties, item.identifier)
+        for case in self.prepared_cases(input_dir):
             paths = self.write_case(self.segment_case(case, seed, k), case, output_dir)
-            uncertainty_files[item.identifier] = paths[-1].name
+            uncertainty_files[case.identifier] = paths[-1].name
             written += paths
-            logger.info("segmented %s (%d sample(s), %s fusion)", item.identifier, k, self.fusion)
+            logger.info("segmented %s (%d sample(s), %s fusion)", case.identifier, k, self.fusion)
         self._write_info(output_dir, seed, {
-            "mode": "predict", "input_dir": str(input_dir), "num_cases": len(cases), "num_samples": k,
+            "mode": "predict", "input_dir": str(input_dir), "num_cases": len(uncertainty_files), "num_samples": k,
             "fusion": self.fusion, "uncertainty": self.uncertainty, "uncertainty_range": self.uncertainty_range(),
             "uncertainty_files": uncertainty_files, "label_channels": list(self.scheme.names),
             "is_region": self.scheme.is_region})
