@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from nndiff.diffusion.config import DiffusionConfig, build_process, build_sampler
-from nndiff.diffusion.losses import diffusion_loss
 from nndiff.diffusion.options import Guidance
 from nndiff.diffusion.samplers import sample
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.networks import NULL_LABEL, drop_conditions
 from nndiff.training.diffusion_parts import DiffusionPartsMixin
-from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
+from nndiff.training import Trainer, register_trainer, save_image_grid
 from nndiff.training.rng import torch_generator
 from nndiff.utils.files import load_json
 
@@ -342,25 +341,13 @@ class GenerationTrainer(DiffusionPartsMixin, Trainer):
     def compute_loss(self, network: nn.Module, batch: Mapping[str, Any], *, train: bool,
                      generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted diffusion loss on the plan's target; conditions dropped with ``condition_dropout`` in training."""
-        x0 = batch["data"]
-        n = x0.shape[0]
-        t, weights = self.draw_t(n, generators)
-        noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
-                                                      dtype=x0.dtype), generators, n)
-        x_t = self.process.add_noise(x0, noise, t)
         labels, continuous = batch.get("class_labels"), batch.get("continuous")
         if train and self.diffusion.condition_dropout > 0:
             labels, continuous = drop_conditions(labels, continuous, self.diffusion.condition_dropout)
-        out = network(x_t, self.process.model_time(t), class_labels=labels, continuous=continuous)
-        per_sample_loss = diffusion_loss(out.float(), x0.float(), noise.float(), t, self.process,
-                                         self.diffusion.parameterization, self.diffusion.loss_weighting,
-                                         min_snr_gamma=self.diffusion.min_snr_gamma, sample_weights=weights,
-                                         reduction="none")
-        if train and self.time_sampler is not None:
-            # The sampler keeps unweighted losses (its own weights would otherwise feed back).
-            unweighted = per_sample_loss.detach() / weights.to(per_sample_loss.dtype)
-            self.time_sampler.update(t, unweighted)
-        return per_sample_loss.mean(), {}
+        loss = self.weighted_diffusion_loss(
+            batch["data"], lambda x_t, time: network(x_t, time, class_labels=labels, continuous=continuous),
+            train=train, generators=generators)
+        return loss, {}
 
     # ---- sample grid ----------------------------------------------------------------------------
     def grid_conditions(self, num_samples: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

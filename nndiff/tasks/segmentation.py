@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiff.diffusion.losses import diffusion_loss
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.tasks.translation import network_model_fn, sample_translation
 from nndiff.training.diffusion_parts import DiffusionPartsMixin
-from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
+from nndiff.training import Trainer, register_trainer, save_image_grid
 from nndiff.training.data import validation_batches
 from nndiff.training.rng import torch_generator
 from nndiff.utils.files import load_json
@@ -277,19 +276,9 @@ class SegmentationDiffusionTrainer(DiffusionPartsMixin, SegmentationTrainerBase)
     def compute_loss(self, network: nn.Module, batch: Mapping[str, Any], *, train: bool,
                      generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted diffusion loss on the mask channels, conditioned on the images."""
-        x0 = batch["x0"]
-        n = x0.shape[0]
-        t, weights = self.draw_t(n, generators)
-        noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
-                                                      dtype=x0.dtype), generators, n)
-        x_t = self.process.add_noise(x0, noise, t)
-        out = network(x_t, self.process.model_time(t), cond_image=batch["data"])
-        losses = diffusion_loss(out.float(), x0.float(), noise.float(), t, self.process,
-                                self.diffusion.parameterization, self.diffusion.loss_weighting,
-                                min_snr_gamma=self.diffusion.min_snr_gamma, sample_weights=weights, reduction="none")
-        if train and self.time_sampler is not None:
-            self.time_sampler.update(t, losses.detach() / weights.to(losses.dtype))
-        return losses.mean(), {}
+        loss = self.weighted_diffusion_loss(batch["x0"], lambda x_t, time: network(x_t, time, cond_image=batch["data"]),
+                                            train=train, generators=generators)
+        return loss, {}
 
     # ---- sample grid ----------------------------------------------------------------------------
     def write_sample_grid(self, epoch: int) -> torch.Tensor | None:

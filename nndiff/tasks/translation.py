@@ -24,12 +24,11 @@ import torch
 from torch import nn
 
 from nndiff.diffusion.config import DiffusionConfig, build_process, build_sampler
-from nndiff.diffusion.losses import diffusion_loss
 from nndiff.diffusion.samplers import sample
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.preprocessing.case_io import MISSING_CHANNELS_KEY  # CASE.json: channels a case lacks
 from nndiff.training.diffusion_parts import DiffusionPartsMixin
-from nndiff.training import Trainer, per_sample, register_trainer, save_image_grid
+from nndiff.training import Trainer, register_trainer, save_image_grid
 from nndiff.training.data import load_case_json
 from nndiff.training.rng import torch_generator
 from nndiff.utils.files import load_json
@@ -232,20 +231,10 @@ class TranslationTrainer(DiffusionPartsMixin, Trainer):
     def compute_loss(self, network: nn.Module, batch: Mapping[str, Any], *, train: bool,
                      generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted diffusion loss on the targets, conditioned on the (masked) source images."""
-        x0 = batch["target"]
-        n = x0.shape[0]
-        t, weights = self.draw_t(n, generators)
-        noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
-                                                      dtype=x0.dtype), generators, n)
-        x_t = self.process.add_noise(x0, noise, t)
-        out = network(x_t, self.process.model_time(t), cond_image=self.batch_condition(batch, train))
-        per_sample_loss = diffusion_loss(out.float(), x0.float(), noise.float(), t, self.process,
-                                         self.diffusion.parameterization, self.diffusion.loss_weighting,
-                                         min_snr_gamma=self.diffusion.min_snr_gamma, sample_weights=weights,
-                                         reduction="none")
-        if train and self.time_sampler is not None:
-            self.time_sampler.update(t, per_sample_loss.detach() / weights.to(per_sample_loss.dtype))
-        return per_sample_loss.mean(), {}
+        cond = self.batch_condition(batch, train)
+        loss = self.weighted_diffusion_loss(batch["target"], lambda x_t, time: network(x_t, time, cond_image=cond),
+                                            train=train, generators=generators)
+        return loss, {}
 
     # ---- sample grid ----------------------------------------------------------------------------
     def write_sample_grid(self, epoch: int) -> torch.Tensor | None:

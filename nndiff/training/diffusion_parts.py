@@ -7,12 +7,12 @@ non-diffusion trainers (classifier, autoencoder, deterministic baseline) do not 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from nndiff.diffusion.config import DiffusionConfig, build_noise, build_process
-from nndiff.diffusion.losses import ImportanceTimeSampler
+from nndiff.diffusion.losses import ImportanceTimeSampler, diffusion_loss
 from nndiff.errors import PlansError
 from nndiff.training.trainer import per_sample
 
@@ -44,6 +44,24 @@ class DiffusionPartsMixin:
         if generators is None and self.time_sampler is not None:
             return self.time_sampler.sample(batch_size, device=self.device)
         return per_sample(lambda n, g: self.process.sample_t(n, g, device=self.device), generators, batch_size), None
+
+    def weighted_diffusion_loss(self, x0: torch.Tensor, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                *, train: bool, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+        """Mean weighted diffusion loss of one batch: draw t and the plan's noise (per sample from
+        ``generators`` in validation), ``out = forward(x_t, model_time)``, the plan's
+        parameterization / weighting, importance weights; in training the sampler is updated with
+        the unweighted per-sample losses (its own weights would otherwise feed back)."""
+        n = x0.shape[0]
+        t, weights = self.draw_t(n, generators)
+        noise = per_sample(lambda k, g: self.noise_fn((k, *x0.shape[1:]), generator=g, device=x0.device,
+                                                      dtype=x0.dtype), generators, n)
+        out = forward(self.process.add_noise(x0, noise, t), self.process.model_time(t))
+        losses = diffusion_loss(out.float(), x0.float(), noise.float(), t, self.process,
+                                self.diffusion.parameterization, self.diffusion.loss_weighting,
+                                min_snr_gamma=self.diffusion.min_snr_gamma, sample_weights=weights, reduction="none")
+        if train and self.time_sampler is not None:
+            self.time_sampler.update(t, losses.detach() / weights.to(losses.dtype))
+        return losses.mean()
 
     def time_sampler_extra(self) -> dict[str, Any]:
         """``{"time_sampler": state}`` for checkpoint extras (empty without importance sampling)."""
