@@ -373,11 +373,13 @@ class Predictor:
     def windowed_model_fn(self, step_fraction: float = 0.5, gaussian: bool = True) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
         """:meth:`model_fn` evaluated in windows of the planned ``patch_size`` (Gaussian-weighted
         overlaps), for inputs of any size: pass it to the sampler so every step sees the whole
-        image (no seams); see :mod:`nndiff.inference.sliding_window`."""
+        image (no seams); see :mod:`nndiff.inference.sliding_window`. Windows are stacked into
+        calls of up to :attr:`batch_size` items (the planned training batch, so a forward pass of
+        that many patches fits)."""
         from nndiff.inference.sliding_window import sliding_window_model
 
         return sliding_window_model(self.model_fn(), self.configuration["patch_size"],
-                                    step_fraction=step_fraction, gaussian=gaussian)
+                                    step_fraction=step_fraction, gaussian=gaussian, max_batch=self.batch_size)
 
     def map_slices(self, fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor) -> torch.Tensor:
         """Apply ``fn`` to the z slices of ``data`` ``(C, Z, Y, X)`` in batches of

@@ -66,14 +66,19 @@ def _pad_to(x: Tensor, patch_size: Sequence[int]) -> tuple[Tensor, list[slice]]:
 
 def sliding_window(fn: Callable[..., Tensor], x: Tensor, patch_size: Sequence[int], *,
                    extra: Mapping[str, Tensor] | None = None, step_fraction: float = DEFAULT_STEP_FRACTION,
-                   gaussian: bool = True) -> Tensor:
+                   gaussian: bool = True, windows_per_call: int = 1) -> Tensor:
     """``fn`` evaluated over ``x`` ``(B, C, *spatial)`` in windows of ``patch_size``.
 
     ``fn(window, **extra_windows) -> (B, C_out, *patch_size)``; ``extra`` holds tensors with the
     same spatial shape as ``x`` (conditioning images), cut with the same windows. Axes shorter
     than the patch are zero-padded (centred) and cropped back. Overlapping outputs are averaged
     with Gaussian (or uniform) weights. An input of exactly the patch size is one call.
+    ``windows_per_call`` k > 1 stacks up to k windows along the batch axis of one call (window-major:
+    ``fn`` then sees ``k·B`` items, and must treat them independently, as a network in eval mode
+    does), so small batches fill the device with fewer calls.
     """
+    if windows_per_call < 1:
+        raise ValueError(f"windows_per_call must be >= 1, got {windows_per_call}")
     patch_size = [int(p) for p in patch_size]
     if len(patch_size) != x.ndim - 2:
         raise ValueError(f"patch_size {patch_size} does not match input shape {list(x.shape)}")
@@ -86,35 +91,55 @@ def sliding_window(fn: Callable[..., Tensor], x: Tensor, patch_size: Sequence[in
     output: Tensor | None = None
     total = torch.zeros(spatial, device=x.device, dtype=torch.float32)
     starts = [window_starts(n, p, step_fraction) for n, p in zip(spatial, patch_size)]
-    for corner in itertools.product(*starts):
-        window = (slice(None), slice(None), *[slice(s, s + p) for s, p in zip(corner, patch_size)])
-        result = fn(padded[window], **{k: v[window] for k, v in padded_extra.items()}).float()
-        if output is None:
-            output = torch.zeros((*result.shape[:2], *spatial), device=x.device, dtype=torch.float32)
-        output[window] += result * weight
-        total[window[2:]] += weight
+    windows = [(slice(None), slice(None), *[slice(s, s + p) for s, p in zip(corner, patch_size)])
+               for corner in itertools.product(*starts)]
+    batch = x.shape[0]
+    for first in range(0, len(windows), windows_per_call):
+        group = windows[first:first + windows_per_call]
+        stacked = torch.cat([padded[w] for w in group])
+        results = fn(stacked, **{k: torch.cat([v[w] for w in group]) for k, v in padded_extra.items()}).float()
+        for index, window in enumerate(group):
+            result = results[index * batch:(index + 1) * batch]
+            if output is None:
+                output = torch.zeros((*result.shape[:2], *spatial), device=x.device, dtype=torch.float32)
+            output[window] += result * weight
+            total[window[2:]] += weight
     assert output is not None
     output = output / total
     return output[(slice(None), slice(None), *crop)]
 
 
+def _repeat_items(value: Any, repeats: int, batch: int) -> Any:
+    """A per-item tensor (first axis ``batch``) repeated for ``repeats`` stacked windows; anything
+    else (a scalar time, None, a shared tensor) unchanged."""
+    if repeats > 1 and isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return torch.cat([value] * repeats)
+    return value
+
+
 def sliding_window_model(model: Callable[[Tensor, Tensor, Any], Tensor], patch_size: Sequence[int], *,
-                         step_fraction: float = DEFAULT_STEP_FRACTION,
-                         gaussian: bool = True) -> Callable[[Tensor, Tensor, Any], Tensor]:
+                         step_fraction: float = DEFAULT_STEP_FRACTION, gaussian: bool = True,
+                         max_batch: int | None = None) -> Callable[[Tensor, Tensor, Any], Tensor]:
     """A ``model(x, t, cond)`` (the diffusion ``ModelFn``) that evaluates ``model`` in windows.
 
     ``cond`` may be None or a dict of network keyword arguments; its ``cond_image`` (same spatial
     shape as ``x``) is windowed with ``x``, other entries (class labels, continuous values) are
-    passed unchanged.
+    repeated with the windows. ``max_batch``: stack as many windows per call as keep the call's
+    batch at most this (at least one window per call); None: one window per call.
     """
     def windowed(x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         cond = dict(cond or {})
         image = cond.pop("cond_image", None)
+        batch = x.shape[0]
 
         def call(window: Tensor, **windows: Tensor) -> Tensor:
-            return model(window, t, {**cond, **windows})
+            repeats = window.shape[0] // batch
+            shared = {key: _repeat_items(value, repeats, batch) for key, value in cond.items()}
+            return model(window, _repeat_items(t, repeats, batch), {**shared, **windows})
 
         extra = {"cond_image": image} if image is not None else None
-        return sliding_window(call, x, patch_size, extra=extra, step_fraction=step_fraction, gaussian=gaussian)
+        per_call = max(1, int(max_batch) // batch) if max_batch else 1
+        return sliding_window(call, x, patch_size, extra=extra, step_fraction=step_fraction, gaussian=gaussian,
+                              windows_per_call=per_call)
 
     return windowed

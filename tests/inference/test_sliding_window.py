@@ -74,3 +74,32 @@ def test_model_windows_cond_image_and_passes_other_conditions():
     windowed = sliding_window_model(model, (8, 8))
     out = windowed(x, t, {"cond_image": image, "class_labels": torch.tensor([4])})
     torch.testing.assert_close(out, x + 3 * image, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_batch, expected_calls", [(None, 8), (2, 8), (4, 4), (8, 2), (12, 2), (100, 1)])
+def test_stacked_windows_give_the_same_output_with_fewer_calls(max_batch, expected_calls):
+    """Windows stacked along the batch axis (per-item times and labels repeated with them) give the
+    one-window-per-call result; calls = ceil(windows / (max_batch // B)). 12x20 with an 8x8 patch
+    and half-patch steps is 2 x 4 = 8 windows, B = 2."""
+    x = torch.randn(2, 1, 12, 20, generator=torch.Generator().manual_seed(1))
+    image = torch.randn(2, 1, 12, 20, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([3.0, 5.0])
+    labels = torch.tensor([4, 7])
+    batches: list[int] = []
+
+    def model(window, t_, cond):  # per-item and position-dependent: a wrong repeat order shows
+        batches.append(window.shape[0])
+        assert t_.shape[0] == window.shape[0] == cond["class_labels"].shape[0] == cond["cond_image"].shape[0]
+        ramp = torch.linspace(0, 1, window.shape[-1])
+        return window * t_.view(-1, 1, 1, 1) + cond["cond_image"] * ramp + cond["class_labels"].view(-1, 1, 1, 1)
+
+    reference = sliding_window_model(model, (8, 8))(x, t, {"cond_image": image, "class_labels": labels})
+    batches.clear()
+    out = sliding_window_model(model, (8, 8), max_batch=max_batch)(x, t, {"cond_image": image, "class_labels": labels})
+    torch.testing.assert_close(out, reference)
+    assert len(batches) == expected_calls and max(batches) <= max(max_batch or 2, 2) and sum(batches) == 8 * 2
+
+
+def test_windows_per_call_must_be_positive():
+    with pytest.raises(ValueError, match="windows_per_call must be >= 1"):
+        sliding_window(lambda w: w, torch.zeros(1, 1, 8, 8), (4, 4), windows_per_call=0)
