@@ -102,7 +102,7 @@ def decide_latent(fp: FingerprintView, median_shape: Sequence[int], coverage: fl
                   ) -> Decision[bool]:
     """Plan a latent configuration when the pixel-space patch of ``source`` at the memory target
     covers less than LATENT_MIN_PATCH_COVERAGE (25 %) of the median image's voxels, or when the
-    median image has ≥ LATENT_LARGE_IMAGE_VOXELS (1024² in 2D, 256³ in 3D)."""
+    median image has ≥ LATENT_LARGE_IMAGE_VOXELS (1024² in 2D, 128³ in 3D)."""
     dims = len(median_shape)
     voxels = math.prod(median_shape)
     large = voxels >= LATENT_LARGE_IMAGE_VOXELS[dims]

@@ -54,8 +54,11 @@ TRAINING_DTYPE = "bf16"
 #: Plan a latent configuration when the pixel-space patch covers less than this fraction of the
 #: median image's voxels (nnU-Net plans 3d_lowres below the same 25 %).
 LATENT_MIN_PATCH_COVERAGE = 0.25
-#: ... or when the median image has at least this many voxels ("large images").
-LATENT_LARGE_IMAGE_VOXELS = {2: 1024 * 1024, 3: 256 * 256 * 256}
+#: ... or when the median image has at least this many voxels ("large images"). Sampling runs the
+#: network on the whole image at every step, so its cost grows with the image even where a pixel-space
+#: patch would fit: at 128³ voxels in 3D a 4× latent has 64× fewer voxels per step (whole-brain 1 mm
+#: MR, the 3D latent models of Pinaya et al. 2022 at 160×224×160); 2D images stay cheap up to 1024².
+LATENT_LARGE_IMAGE_VOXELS = {2: 1024 * 1024, 3: 128 * 128 * 128}
 #: Autoencoder downsampling per axis: f=8 in 2D (Stable Diffusion, Rombach et al. 2022),
 #: f=4 in 3D (3D medical LDMs keep more detail per latent voxel).
 LATENT_DOWNSAMPLING = {2: 8, 3: 4}

@@ -65,10 +65,12 @@ def test_estimate_fits_the_budget_and_one_more_sample_would_not(plans, kind, tar
         budget = TARGET_UTILIZATION * target
         assert c["estimated_vram_gib"] <= budget + 1e-3, (kind, target, name)
         per_sample, fixed = per_sample_and_static_gib(c["network"], c["patch_size"])
-        cap = MAX_DATASET_FRACTION_PER_BATCH * 1e18  # large fingerprints: the dataset cap never binds
-        assert "limited by memory" in c["reasons"]["batch_size"]
-        assert fixed + (c["batch_size"] + 1) * per_sample > budget, (kind, target, name)
-        assert c["batch_size"] < cap
+        reason = c["reasons"]["batch_size"]
+        if "limited by memory" in reason:
+            assert fixed + (c["batch_size"] + 1) * per_sample > budget, (kind, target, name)
+        else:  # a small latent grid at a large target: the 5 % dataset cap binds before memory
+            assert "limited by the 5 % dataset cap" in reason and f"cap {c['batch_size']};" in reason, reason
+            assert fixed + c["batch_size"] * per_sample <= budget, (kind, target, name)
 
 
 @pytest.mark.parametrize("kind", list(FINGERPRINTS))
@@ -157,11 +159,19 @@ def test_latent_configuration_for_large_images_is_planned_and_trainable(plans):
     assert plans[("xray", 8.0)]["configurations"]["2d_latent"]["autoencoder"]["downsampling_factors"] == [8, 8]
 
 
-def test_latent_rule_follows_patch_coverage():
-    # MR 155×240×240 (8.9 M voxels < 256³): latent only because the 8 GiB patch covers < 25 %
-    mr = plan_experiment(mr_fingerprint(), dataset_json(channel_names={"0": "T1"}), gpu_memory_target_gib=8.0)
-    assert "3d_latent" in mr["configurations"]
-    assert "< 25 %" in mr["reasons"]["configurations"] and "< 1.68e+07" in mr["reasons"]["configurations"]
+def test_latent_rule_follows_patch_coverage_and_image_size():
+    # MR 155×240×240 (8.9 M voxels ≥ 128³): latent at every target, the reason names both tests
+    for target in (8.0, 64.0):
+        mr = plan_experiment(mr_fingerprint(), dataset_json(channel_names={"0": "T1"}), gpu_memory_target_gib=target)
+        assert "3d_latent" in mr["configurations"]
+        assert "≥ 2.1e+06" in mr["reasons"]["configurations"]
+    # 40×200×200 (1.6 M voxels < 128³): latent only while the patch covers < 25 %
+    mid = fingerprint((40, 200, 200), (1.0, 1.0, 1.0), 300, channels=(("T1", "mr", "image"),))
+    low = plan_experiment(mid, dataset_json(channel_names={"0": "T1"}), gpu_memory_target_gib=2.0)
+    high = plan_experiment(mid, dataset_json(channel_names={"0": "T1"}), gpu_memory_target_gib=64.0)
+    assert "< 2.1e+06" in low["reasons"]["configurations"]
+    assert ("3d_latent" in low["configurations"]) == ("< 25 %" in low["reasons"]["configurations"])
+    assert "3d_latent" not in high["configurations"] and "≥ 25 %" in high["reasons"]["configurations"]
     small = plan_experiment(fingerprint((64, 64, 64), (1.0, 1.0, 1.0), 300, channels=(("T1", "mr", "image"),)),
                             dataset_json(channel_names={"0": "T1"}), gpu_memory_target_gib=24.0)
     assert set(small["configurations"]) == {"2d", "3d_fullres"}
