@@ -26,7 +26,8 @@ def calibrate(rows: list[dict]) -> dict[int, float]:
 
 
 if __name__ == "__main__":
-    rows = [r for path in sys.argv[1:] for r in json.load(open(path))]
+    # autoencoder rows (":ae") have no UNet estimate parts: they do not calibrate the UNet model
+    rows = [r for path in sys.argv[1:] for r in json.load(open(path)) if "static" in r and "reserved" in r]
     for row in rows:
         print(f"# {row['case']}: scale {case_scale(row):.3f}", file=sys.stderr)
     found = calibrate(rows)
