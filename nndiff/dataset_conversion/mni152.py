@@ -66,7 +66,8 @@ TARGET_NAME = "T2w-like"
 #: Acquisition model of the reconstruction task: single-coil Cartesian MRI, 4x random 1D mask.
 RECONSTRUCTION_BLOCK: dict[str, Any] = {"operator": "mri_cartesian", "acceleration": 4,
                                         "center_fraction": 0.08, "mask_type": "random", "num_coils": 1}
-FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".png")
+#: .npz (with sidecar JSON geometry) is read and written without SimpleITK, e.g. on a GPU machine without it.
+FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".png", ".npz")
 #: Tissue classes of the segmentation mode (label value -> name in dataset.json order).
 TISSUE_LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
 #: The template file stores 8-bit values; nilearn divides them by their maximum (255).
@@ -703,7 +704,7 @@ def convert_mni152(raw_root: str | Path, dataset_id: int, mode: str = "2d_slices
                           "per slice and the held-out slab is split into lesioned and lesion-free slices. "
                           "Fix: pass --mode 2d_slices")
     if file_ending not in FILE_ENDINGS or (file_ending == ".png" and mode != "2d_slices"):
-        raise NnDiffError(f"file_ending {file_ending!r} is not supported for mode {mode}; use .nii.gz"
+        raise NnDiffError(f"file_ending {file_ending!r} is not supported for mode {mode}; use .nii.gz, .npz"
                           + (" or .png" if mode == "2d_slices" else ""))
     if not 0 <= int(dataset_id) <= 999:
         raise NnDiffError(f"dataset id must be 0..999, got {dataset_id}")

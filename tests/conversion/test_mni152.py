@@ -196,6 +196,20 @@ def test_png_slices_store_rounded_8bit_values(tmp_path, volumes_2mm):
     assert len(record["gap"]) == GAP
 
 
+def test_npz_slices_read_back_without_simpleitk(tmp_path, volumes_2mm, monkeypatch):
+    nifti = convert_mni152(tmp_path / "nii", 9, resolution=2, task="segmentation")
+    folder = convert_mni152(tmp_path / "npz", 9, resolution=2, task="segmentation", file_ending=".npz")
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # a GPU machine without SimpleITK
+    dataset = load_dataset(folder)
+    assert verify_integrity(dataset, full=True) == []
+    case_id, case = sorted(dataset.test_cases.items())[0]
+    image, props = read_images(case.images)
+    monkeypatch.undo()
+    reference, ref_props = read_images(load_dataset(nifti).test_cases[case_id].images)
+    np.testing.assert_array_equal(image, reference)  # float32 values, not rounded
+    assert props.spacing == pytest.approx(ref_props.spacing) and props.origin == pytest.approx(ref_props.origin)
+
+
 def _cube_mask(num_slices: int = 60) -> np.ndarray:
     brain = np.zeros((num_slices, 8, 8), bool)
     brain[5:55, 2:6, 2:6] = True  # slices 5..54 hold brain
