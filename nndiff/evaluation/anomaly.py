@@ -310,6 +310,8 @@ FLOAT_MAP_ENDING = ".nii.gz"
 MASK_SUFFIX = "_mask"
 THRESHOLD_FILE = "anomaly_threshold.json"
 BASELINE_NAME = "zscore_baseline"
+#: The global-statistics z-score row added beside a voxel-wise baseline.
+GLOBAL_BASELINE_NAME = "zscore_baseline_global"
 PathLike = Union[str, Path]
 
 
@@ -510,6 +512,15 @@ def evaluate_anomaly_folders(reference: PathLike, prediction: PathLike | Sequenc
         maps, statistics = zscore_baseline_maps(test_images, healthy)
         methods[BASELINE_NAME] = {"folder": None, "num_healthy_training": len(healthy), **evaluate_anomaly_maps(
             maps, reference_masks, case_ids=cases, case_score_method=case_score_method, max_voxels=max_voxels)}
+        if statistics == "voxelwise":
+            # Voxel-wise statistics assume that a voxel shows the same anatomy in every image (registered
+            # subjects); slices of different levels of one brain break that. The global row is the
+            # other standard z-score; a strategy should beat the stronger of the two.
+            stats = fit_zscore_baseline(healthy, voxelwise=False)
+            methods[GLOBAL_BASELINE_NAME] = {
+                "folder": None, "num_healthy_training": len(healthy), **evaluate_anomaly_maps(
+                    [zscore_map(image, stats) for image in test_images], reference_masks, case_ids=cases,
+                    case_score_method=case_score_method, max_voxels=max_voxels)}
     for reason in skipped.values():
         logger.info("z-score baseline skipped: %s", reason)
     summary = {

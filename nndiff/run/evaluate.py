@@ -55,7 +55,7 @@ def evaluate_folder_parser() -> argparse.ArgumentParser:
             "reconstructions and of the zero-filled / FBP baseline, and the data-consistency residual. "
             "Anomaly detection datasets (task 'anomaly_detection'): REF holds the test lesion masks, PRED the "
             "predictor's output folder (or one subfolder per strategy); pixel AUROC/AUPRC, best Dice, Dice at the "
-            "model's threshold and case AUROC, beside the voxel-wise z-score baseline. Segmentation datasets "
+            "model's threshold and case AUROC, beside the voxel-wise z-score baseline (and its global-statistics row). Segmentation datasets "
             "(task 'segmentation'): REF holds the test label maps, PRED the predicted label maps (and uncertainty "
             "maps); Dice and HD95 per label, uncertainty AUROC, and with --baseline the deterministic model "
             "side by side. Denoising datasets are evaluated with the Python API (nndiff.evaluation.denoising."

@@ -243,15 +243,35 @@ class _LogitMean(nn.Module):
         super().__init__()
         self.networks = nn.ModuleList(networks)
 
+    @property
+    def shape_divisor(self) -> tuple[int, ...]:
+        return self.networks[0].shape_divisor
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.stack([net(x, t) for net in self.networks]).mean(0)
 
 
+def pad_to_divisor(x: torch.Tensor, divisor: Sequence[int]) -> torch.Tensor:
+    """``x`` ``(B, C, *spatial)`` edge-padded at the end of each axis to a multiple of ``divisor``
+    (differentiable: the gradient flows back to the unpadded voxels)."""
+    pads: list[int] = []
+    for size, d in reversed(list(zip(x.shape[2:], divisor))):
+        pads += [0, (-int(size)) % int(d)]
+    return F.pad(x, pads, mode="replicate") if any(pads) else x
+
+
 def healthy_log_prob(classifier: nn.Module, healthy_class: int = 0) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
-    """log p(healthy | x_t) per sample from a classifier ``classifier(x_t, t_net) -> (B, classes)`` logits."""
+    """log p(healthy | x_t) per sample from a classifier ``classifier(x_t, t_net) -> (B, classes)`` logits.
+
+    The sampler runs on the whole image, which may be larger than the training patch (the UNet then
+    runs in sliding windows) and of any size. The classifier pools globally, so it sees the whole
+    image, edge-padded to a multiple of its stride product (its input-size rule); the padding repeats
+    the border, i.e. background, and receives no gradient of its own."""
+    divisor = getattr(classifier, "shape_divisor", None)
 
     def log_prob(x: torch.Tensor, t_net: torch.Tensor, cond: Any) -> torch.Tensor:
-        return torch.log_softmax(classifier(x, t_net).float(), dim=-1)[:, healthy_class]
+        padded = pad_to_divisor(x, divisor) if divisor is not None else x
+        return torch.log_softmax(classifier(padded, t_net).float(), dim=-1)[:, healthy_class]
 
     return log_prob
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nndiff.dataset.io import ImageProperties, write_image
+from nndiff.dataset.io import ImageProperties, read_images, read_label, write_image
 from nndiff.errors import DatasetError, NnDiffError
 from nndiff.evaluation.anomaly import (average_precision, case_auroc, case_score, dice_at_threshold,
                                        dice_optimal_threshold, evaluate_anomaly_folders, evaluate_anomaly_maps,
@@ -189,9 +189,19 @@ def test_folder_evaluation_with_baseline(tmp_path, rng):
     assert strategy["operating_point"] == "predicted masks"
     assert 0.5 < baseline["pixel_auroc"] < 1.0 and baseline["num_healthy_training"] == 5
     assert summary["settings"]["baseline_statistics"] == "voxelwise"
-    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == {"pred", "zscore_baseline"}
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == {
+        "pred", "zscore_baseline", "zscore_baseline_global"}
+    # beside voxel-wise statistics, the global-statistics z-score row (slices of different anatomy)
+    healthy = [read_images(sorted((root / "imagesTr").glob(f"tr_{i}_*"))[:1])[0] for i in range(5)]
+    tests = [read_images([root / "imagesTs" / f"ts_{i}_0000.nii.gz"])[0][:, 0] for i in range(3)]
+    stats = fit_zscore_baseline(healthy, voxelwise=False)
+    expected = evaluate_anomaly_maps([np.squeeze(zscore_map(image, stats)) for image in tests],
+                                     [np.squeeze(read_label(root / "labelsTs" / f"ts_{i}.nii.gz")[0]) for i in range(3)],
+                                     case_ids=[f"ts_{i}" for i in range(3)])
+    assert summary["methods"]["zscore_baseline_global"]["pixel_auroc"] == pytest.approx(expected["pixel_auroc"])
+    assert summary["methods"]["zscore_baseline_global"]["pixel_auroc"] != pytest.approx(baseline["pixel_auroc"])
     table = format_anomaly_table(summary)
-    assert "| pred | 1.0000 |" in table and "zscore_baseline" in table
+    assert "| pred | 1.0000 |" in table and "| zscore_baseline |" in table and "| zscore_baseline_global |" in table
 
 
 def test_folder_evaluation_of_strategy_subfolders_and_missing_map(tmp_path, rng):

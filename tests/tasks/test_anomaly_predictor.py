@@ -26,6 +26,7 @@ from nndiff.tasks.anomaly_predictor import (
     classifier_model_folder,
     dynamic_normalization,
     gaussian_smooth,
+    healthy_log_prob,
     load_threshold,
     save_threshold,
 )
@@ -259,3 +260,26 @@ def test_registered_for_the_anomaly_diffusion_trainers():
     assert PREDICTORS["AnomalyDDPMTrainer"] is AnomalyPredictor
     assert PREDICTORS["AnomalyCDPMTrainer"] is AnomalyCDPMPredictor
     assert "AnomalyClassifierTrainer" not in PREDICTORS  # a classifier only guides; it predicts nothing
+
+
+def test_classifier_guidance_accepts_any_image_size():
+    # Found on MNI152 slices (64 x 87 at a 64² patch): the sampler hands the classifier the whole
+    # image, whose size need not be a multiple of the classifier's stride product.
+    from nndiff.networks.classifier import build_classifier
+
+    net = {"architecture": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 1, "model_channels": 8,
+           "channel_mult": [1, 2, 2], "strides": [[2, 2], [2, 2]], "num_res_blocks": 1, "attention_levels": [],
+           "num_head_channels": 8, "norm_groups": 4}
+    classifier = build_classifier({"network": net, "pooling": "attention"}, seed=0).eval()
+    log_prob = healthy_log_prob(classifier)
+    t = torch.tensor([100.0, 100.0])
+    x = torch.randn(2, 1, 13, 22, requires_grad=True)
+    out = log_prob(x, t, None)
+    assert out.shape == (2,) and bool(torch.all(out <= 0))
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all() and x.grad[:, :, -1, -1].abs().sum() > 0
+    padded = torch.nn.functional.pad(x.detach(), (0, 2, 0, 3), mode="replicate")  # to 16 x 24
+    expected = torch.log_softmax(classifier(padded, t).float(), dim=-1)[:, 0]
+    torch.testing.assert_close(log_prob(x.detach(), t, None), expected)
+    fits = torch.randn(2, 1, 16, 24)  # already divisible: the classifier sees it unchanged
+    torch.testing.assert_close(log_prob(fits, t, None), torch.log_softmax(classifier(fits, t).float(), -1)[:, 0])
