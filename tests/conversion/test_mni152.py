@@ -526,7 +526,7 @@ def test_anomaly_dataset_feeds_the_anomaly_evaluation(tmp_path, anomaly_2d, volu
     """An oracle map (|image - template slice|) scores AUROC 1 against labelsTs; the z-score baseline
     is fitted on the healthy training slices only (by metadata)."""
     from nndiff.dataset_conversion.common import write_case_image
-    from nndiff.evaluation.anomaly import evaluate_anomaly_folders
+    from nndiff.evaluation.anomaly import BASELINE_NAME, GLOBAL_BASELINE_NAME, evaluate_anomaly_folders
 
     dataset = load_dataset(anomaly_2d)
     for case_id, case in dataset.test_cases.items():
@@ -539,6 +539,7 @@ def test_anomaly_dataset_feeds_the_anomaly_evaluation(tmp_path, anomaly_2d, volu
     assert summary["num_cases"] == len(dataset.test_cases)
     assert 0 < summary["num_anomalous_cases"] < summary["num_cases"]
     assert summary["methods"]["oracle"]["pixel_auroc"] == pytest.approx(1.0)
-    baseline = [m for name, m in summary["methods"].items() if name != "oracle"]
-    assert len(baseline) == 1
-    assert baseline[0]["num_healthy_training"] == sum(dataset.healthy().values())
+    # Same-shaped healthy slices give voxel-wise statistics, so the global-statistics row comes too.
+    assert set(summary["methods"]) == {"oracle", BASELINE_NAME, GLOBAL_BASELINE_NAME}
+    for name in (BASELINE_NAME, GLOBAL_BASELINE_NAME):
+        assert summary["methods"][name]["num_healthy_training"] == sum(dataset.healthy().values())
