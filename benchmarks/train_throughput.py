@@ -34,20 +34,29 @@ elapsed time per phase (prefix ``PHASE``) and a markdown table at the end; with 
 also ``DIR/train_throughput.jsonl`` and ``DIR/train_throughput.md``. The input batches are
 generated once on the device before timing (model throughput, not data loading).
 Compile switch: ``--compile on|off|auto`` (auto: the trainer's environment switch ``nnDiff_compile``,
-else on for CUDA and off for CPU). MONAI (``pip install monai``, needs ``einops``) is a
+else on for CUDA and off for CPU).
+
+``--parallel_compile`` runs each (model, precision) in its own process: all of them compile at the
+same time (compilation is CPU work, ~150 s per model and precision on the GPU machine, so four in a
+row cost ~10 minutes of device time), then each waits until every process has warmed up and times
+its steps holding a file lock, so no two timed sections overlap and each process's peak memory is its
+own allocator's. The parent measures the simplex noise afterwards and prints the same table. MONAI (``pip install monai``, needs ``einops``) is a
 benchmark-only dependency.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gc
 import itertools
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -371,8 +380,12 @@ def dynamo_counts() -> dict[str, int]:
 
 def measure_training(name: str, build: Callable[[], nn.Module], precision: str, batches: Sequence[Batch],
                      device: torch.device, compile_model: bool, channels_last: bool, warmup: int, steps: int,
-                     flops_per_step: int, params: int) -> dict[str, Any]:
-    """Build, (compile,) warm up and time ``steps`` training steps of one model in one precision."""
+                     flops_per_step: int, params: int,
+                     timing_turn: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Any]:
+    """Build, (compile,) warm up and time ``steps`` training steps of one model in one precision.
+
+    ``timing_turn`` (parallel processes): a context entered between warm-up and the timed steps.
+    """
     release_memory(device)
     start = time.perf_counter()
     model = build().to(device)
@@ -392,11 +405,12 @@ def measure_training(name: str, build: Callable[[], nn.Module], precision: str, 
     synchronize(device)
     warmup_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(batches[i % len(batches)])
-    synchronize(device)
-    timed_s = time.perf_counter() - start
+    with timing_turn() if timing_turn is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = step(batches[i % len(batches)])
+        synchronize(device)
+        timed_s = time.perf_counter() - start
     loss_value = float(loss)
 
     batch_size = batches[0].x_t.shape[0]
@@ -539,6 +553,99 @@ class Reporter:
 
 
 # ----------------------------------------------------------------------------------------------
+# Parallel compilation, sequential timing
+# ----------------------------------------------------------------------------------------------
+
+class TimingTurns:
+    """Processes sharing ``folder`` compile together but time one at a time.
+
+    :meth:`turn` marks this process ready, waits until ``count`` processes are (or ``timeout_s``
+    passes: a sibling that crashed before its mark must not hang the rest), then holds an exclusive
+    ``flock`` on ``folder/lock`` for the timed steps. :meth:`mark_ready` is idempotent; a process
+    that fails calls it too, so its siblings do not wait for it.
+    """
+
+    def __init__(self, folder: Path, count: int, tag: str, timeout_s: float = 1800.0, poll_s: float = 0.5):
+        self.folder, self.count, self.tag = Path(folder), count, tag
+        self.timeout_s, self.poll_s = timeout_s, poll_s
+
+    def mark_ready(self) -> None:
+        (self.folder / f"ready_{self.tag}").touch()
+
+    def wait_all(self) -> bool:
+        """True when all ``count`` processes are ready, False after the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        while len(list(self.folder.glob("ready_*"))) < self.count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(self.poll_s)
+        return True
+
+    @contextlib.contextmanager
+    def turn(self):
+        self.mark_ready()
+        if not self.wait_all():
+            print(f"WARNING: not all {self.count} processes were ready after {self.timeout_s:g} s; timing anyway",
+                  file=sys.stderr, flush=True)
+        with open(self.folder / "lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def child_argv(argv: Sequence[str], model: str, precision: str, turns_dir: Path, count: int) -> list[str]:
+    """The parent's options for one child: without ``--parallel_compile`` and ``--output`` (the
+    parent writes the files), with the child's (model, precision) and the shared turns folder."""
+    out: list[str] = []
+    skip_value = False
+    for item in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        if item == "--parallel_compile":
+            continue
+        if item in ("--output", "--precisions"):
+            skip_value = True
+            continue
+        if item.startswith(("--output=", "--precisions=")):
+            continue
+        out.append(item)
+    return out + ["--precisions", precision, "--only", f"{model}:{precision}",
+                  "--turns", f"{turns_dir}:{count}"]
+
+
+def result_rows(stdout: str) -> list[dict[str, Any]]:
+    """The ``RESULT`` JSON rows a child printed."""
+    return [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+
+
+def run_children(args: argparse.Namespace, reporter: "Reporter") -> bool:
+    """One child process per (model, precision), compiled in parallel and timed in turn; their rows
+    go to ``reporter``. False when a child failed."""
+    pairs = [(name, precision) for precision in args.precisions for name in (NNDIFF, MONAI)]
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="throughput_turns_") as turns_dir:
+        children = []
+        for name, precision in pairs:
+            command = [sys.executable, str(Path(__file__).resolve()),
+                       *child_argv(args.argv, name, precision, Path(turns_dir), len(pairs))]
+            children.append(((name, precision), subprocess.Popen(command, stdout=subprocess.PIPE, text=True)))
+        for (name, precision), child in children:
+            stdout, _ = child.communicate()
+            rows = [r for r in result_rows(stdout) if r.get("kind") in ("training", "error")]
+            if not rows:
+                rows = [{"kind": "error", "model": name, "precision": precision,
+                         "error": f"child process exited with status {child.returncode} and no result"}]
+            for row in rows:
+                reporter.add(row)
+                ok &= row.get("kind") == "training" and bool(row.get("loss_finite"))
+            ok &= child.returncode == 0
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -576,7 +683,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time_limit_s", type=float, default=None,
                         help="skip a training phase when the time used plus the longest phase so far exceeds this")
     parser.add_argument("--output", type=Path, default=None, help="folder for train_throughput.jsonl / .md")
+    parser.add_argument("--parallel_compile", action="store_true",
+                        help="one process per model and precision: compile at once, time in turn")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)   # child: MODEL:PRECISION
+    parser.add_argument("--turns", default=None, help=argparse.SUPPRESS)  # child: FOLDER:COUNT
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = [p for p in args.precisions if p not in PRECISIONS]
     if unknown or not args.precisions:
@@ -660,6 +772,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"FLOPs per training step (forward + backward, batch {shape[0]}): "
           f"nnDiff {flops[NNDIFF] / 1e9:,.1f} GFLOP  MONAI {flops[MONAI] / 1e9:,.1f} GFLOP  "
           f"(MONAI / nnDiff {flops[MONAI] / flops[NNDIFF]:.3f})", flush=True)
+    if args.parallel_compile:
+        failed = not run_children(args, reporter)
+        reporter.phase("parallel children", time.perf_counter() - start)
+        for precision, ratio in throughput_ratios(reporter.rows).items():
+            print(f"RATIO nnDiff / MONAI samples/s, {precision}{' + compile' if compile_model else ''}: "
+                  f"{ratio:.3f}", flush=True)
+        try:
+            measure_noise(reporter, shape, device, args.simplex_repeats)
+        except Exception as error:
+            traceback.print_exc()
+            failed = True
+            reporter.add({"kind": "error", "model": "simplex noise", "precision": "fp32",
+                          "error": f"{type(error).__name__}: {error}"[:2000]})
+        return finish_report(reporter, failed)
     batches = make_batches(shape, device)
     reporter.phase("count FLOPs and make batches", time.perf_counter() - start)
 
@@ -668,6 +794,8 @@ def run(args: argparse.Namespace) -> int:
         MONAI: lambda: build_monai(kwargs, seed=0),
     }
     params = {NNDIFF: nndiff_params, MONAI: match.params}
+    if args.only:  # a child of --parallel_compile: one measurement, timed in its turn
+        return run_child(args, reporter, builders, params, flops, batches, device, compile_model)
     failed = False
     longest_phase = 0.0
     for index, precision in enumerate(args.precisions):
@@ -705,6 +833,11 @@ def run(args: argparse.Namespace) -> int:
                 reporter.add({"kind": "error", "model": "simplex noise", "precision": "fp32",
                               "error": f"{type(error).__name__}: {error}"[:2000]})
 
+    return finish_report(reporter, failed)
+
+
+def finish_report(reporter: Reporter, failed: bool) -> int:
+    """Print the table and the issue-4 verdict; the exit status."""
     print("\n" + reporter.finish(), flush=True)
     ratio = throughput_ratios(reporter.rows).get("bf16")
     if ratio is not None:
@@ -712,6 +845,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nissue 4 throughput check (nnDiff bf16 >= MONAI bf16 + flash, same run, equal parameters): "
               f"ratio {ratio:.3f}, {verdict}", flush=True)
     return 1 if failed else 0
+
+
+def run_child(args: argparse.Namespace, reporter: Reporter, builders: Mapping[str, Callable[[], nn.Module]],
+              params: Mapping[str, int], flops: Mapping[str, int], batches: Sequence[Batch], device: torch.device,
+              compile_model: bool) -> int:
+    """``--only MODEL:PRECISION --turns FOLDER:COUNT``: one measurement; marks itself ready even when
+    it fails, so that its siblings do not wait for it."""
+    name, _, precision = args.only.partition(":")
+    if name not in builders or precision not in PRECISIONS:
+        raise SystemExit(f"--only {args.only}: expected MODEL:PRECISION with MODEL in {list(builders)}")
+    folder, _, count = (args.turns or "").rpartition(":")
+    turns = TimingTurns(Path(folder), int(count), f"{name}_{precision}_{os.getpid()}") if folder else None
+    try:
+        row = measure_training(name, builders[name], precision, batches, device, compile_model, args.channels_last,
+                               args.warmup, args.steps, flops[name], params[name],
+                               timing_turn=turns.turn if turns else None)
+    except Exception as error:
+        traceback.print_exc()
+        row = {"kind": "error", "model": name, "precision": precision, "error": f"{type(error).__name__}: {error}"[:2000]}
+    finally:
+        if turns is not None:
+            turns.mark_ready()
+    reporter.add(row)
+    return 0 if row.get("kind") == "training" and row.get("loss_finite") else 1
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Checks of benchmarks/train_throughput.py that need no MONAI (CI does not install it).
 
 The MONAI side (width match, both models trained) is checked by hand with
-``python benchmarks/train_throughput.py --device cpu --tiny`` (benchmarks/README.md).
+``python benchmarks/train_throughput.py --device cpu --tiny`` (documentation/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -222,3 +222,49 @@ def test_candidate_count_formula(bench):
     """Singles (levels x 2 x steps) plus pairs (C(levels, 2) x 4) plus the base, with no floor hit."""
     base, units = (64, 128, 256), (8, 8, 8)
     assert len(list(bench.channel_candidates(base, units, max_steps=3))) == 1 + 3 * 6 + 3 * 4
+
+
+def test_timing_turns_wait_for_all_and_never_overlap(bench, tmp_path):
+    """Parallel compile: no process times before all are ready; timed sections do not overlap."""
+    import threading
+    import time
+
+    spans, ready_at = [], []
+
+    def worker(tag: str, delay: float) -> None:
+        time.sleep(delay)  # staggered "compilation"
+        ready_at.append(time.monotonic())
+        turns = bench.TimingTurns(tmp_path, 3, tag, poll_s=0.01)
+        with turns.turn():
+            start = time.monotonic()
+            time.sleep(0.05)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}", 0.05 * i)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 3
+    assert spans[0][0] >= max(ready_at)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_timing_turns_give_up_on_a_missing_sibling(bench, tmp_path):
+    turns = bench.TimingTurns(tmp_path, 2, "alone", timeout_s=0.05, poll_s=0.01)
+    with turns.turn():
+        pass
+    assert (tmp_path / "ready_alone").is_file()
+    assert not bench.TimingTurns(tmp_path, 2, "x", timeout_s=0.0).wait_all()
+
+
+def test_child_argv_and_result_rows(bench, tmp_path):
+    argv = ["--device", "cuda", "--parallel_compile", "--output", "out", "--precisions=bf16,fp32", "--steps", "3"]
+    child = bench.child_argv(argv, "MONAI", "fp32", tmp_path, 4)
+    assert child == ["--device", "cuda", "--steps", "3", "--precisions", "fp32", "--only", "MONAI:fp32",
+                     "--turns", f"{tmp_path}:4"]
+    args = bench.parse_args(child)
+    assert args.only == "MONAI:fp32" and args.precisions == ["fp32"] and not args.parallel_compile
+    stdout = 'PHASE x\nRESULT {"kind": "training", "model": "MONAI"}\nnoise\n'
+    assert bench.result_rows(stdout) == [{"kind": "training", "model": "MONAI"}]

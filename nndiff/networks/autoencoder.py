@@ -712,13 +712,14 @@ def _as_batches(data: Any, device: torch.device) -> Iterable[torch.Tensor]:
 
 @torch.no_grad()
 def measure_scale_factor(ae: nn.Module, loader_or_arrays: Any, *, latent_window: Sequence[int] | None = None,
-                         store: bool = True) -> float:
+                         max_whole_voxels: int | None = None, store: bool = True) -> float:
     """``1 / std`` of the training latents (all channels and voxels pooled, population std).
 
     KL: the posterior means; VQ: the quantised latents. Single images ``(C, *S)`` and batches
     ``(B, C, *S)`` are both accepted; ``latent_window`` (latent voxels) encodes large images with
-    :func:`sliding_window_encode`. With ``store`` the value goes into the module's
-    ``latent_scale_factor`` buffer, which is saved with its weights.
+    :func:`sliding_window_encode`, except an image of at most ``max_whole_voxels`` voxels (N × spatial),
+    which is encoded whole as the latent cache encodes it. With ``store`` the value goes into the
+    module's ``latent_scale_factor`` buffer, which is saved with its weights.
     """
     device = next(ae.parameters()).device
     was_training = ae.training
@@ -728,7 +729,8 @@ def measure_scale_factor(ae: nn.Module, loader_or_arrays: Any, *, latent_window:
         for batch in _as_batches(loader_or_arrays, device):
             if batch.ndim == ae.spatial_dims + 1:
                 batch = batch[None]
-            if latent_window is not None:
+            whole = max_whole_voxels is not None and batch.shape[0] * math.prod(batch.shape[2:]) <= max_whole_voxels
+            if latent_window is not None and not whole:
                 pixel_window = [w * f for w, f in zip(latent_window, ae.factors)]
                 z = sliding_window_encode(ae, batch, pixel_window)[0]
             else:

@@ -355,10 +355,15 @@ class AutoencoderTrainer(Trainer):
         model = build_autoencoder(self.ae_block, self.network.config.in_channels, self.ae_config.spatial_dims)
         model.load_state_dict(state["ema_weights"])
         model.to(self.device)
+        from nndiff.tasks.latent import decode_limit  # latent imports the generation trainer; import late
+
         latent_window = [p // f for p, f in zip(self.spec.patch_size, self.ae_config.downsampling_factors)]
         with self.autocast():
+            # Volumes within the plan's one-pass limit are encoded whole, as the latent cache encodes
+            # them (exact-norm sliding windows cost one partial encoder pass per GroupNorm and tile).
             factor = measure_scale_factor(model, ([img] for img in self.scale_factor_images()),
-                                          latent_window=latent_window if self.ae_config.spatial_dims == 3 else None)
+                                          latent_window=latent_window if self.ae_config.spatial_dims == 3 else None,
+                                          max_whole_voxels=decode_limit(self.configuration))
         ema = {k: v.cpu() for k, v in model.state_dict().items()}
         state["ema_weights"] = ema
         state["network_weights"]["latent_scale_factor"] = torch.tensor(factor, dtype=torch.float32)

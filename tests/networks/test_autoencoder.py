@@ -190,6 +190,24 @@ def test_scale_factor_is_one_over_latent_std():
     assert measure_scale_factor(ae, images, latent_window=[2, 2], store=False) == pytest.approx(expected, rel=1e-4)
 
 
+def test_scale_factor_encodes_whole_images_within_the_voxel_limit(monkeypatch):
+    """Within ``max_whole_voxels`` no sliding windows (the latent cache encodes such volumes whole);
+    above it the windows are used."""
+    import nndiff.networks.autoencoder as module
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(_block([2, 2]), 1, 2).eval()
+    images = [np.random.default_rng(i).normal(size=(1, 8, 8)).astype(np.float32) for i in range(2)]
+    whole = measure_scale_factor(ae, images, store=False)
+    calls = []
+    real = module.sliding_window_encode
+    monkeypatch.setattr(module, "sliding_window_encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert measure_scale_factor(ae, images, latent_window=[2, 2], max_whole_voxels=64, store=False) == whole
+    assert calls == []
+    windowed = measure_scale_factor(ae, images, latent_window=[2, 2], max_whole_voxels=63, store=False)
+    assert len(calls) == 2 and windowed == pytest.approx(whole, rel=1e-4)
+
+
 def test_scale_factor_of_known_latents():
     """A network whose latent is exactly 3 * image: factor = 1 / (3 * std(images))."""
     ae = build_autoencoder(_block([1, 1], latent_channels=1, channel_multipliers=[1]), 1, 2)

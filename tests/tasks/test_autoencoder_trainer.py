@@ -199,3 +199,23 @@ def test_autoencoder_training_block_sets_the_run_length(datasets, tmp_path):
     source = plans["configurations"]["2d"]
     trainer = _trainer(pre, tmp_path, plans)
     assert list(trainer.spec.patch_size) == source["patch_size"] and trainer.batch_size == source["batch_size"]
+
+
+@pytest.mark.parametrize("max_decode_voxels", [None, 10**9])
+def test_scale_factor_follows_the_plans_one_pass_limit(datasets, tmp_path, monkeypatch, max_decode_voxels):
+    """3D training volumes above the one-pass limit (default: AE patch × batch) are encoded for the
+    scale factor in sliding windows; a plan whose ``max_decode_voxels`` holds them encodes them whole."""
+    import nndiff.networks.autoencoder as module
+
+    pre = datasets["3d"]
+    plans = load_plans(pre)
+    if max_decode_voxels is not None:
+        plans["configurations"][LATENT]["max_decode_voxels"] = max_decode_voxels
+    calls = []
+    real = module.sliding_window_encode
+    monkeypatch.setattr(module, "sliding_window_encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = _trainer(pre, tmp_path / "out", plans)
+    trainer.run_training()
+    images = len(trainer.scale_factor_picks())
+    # Two checkpoints (final, best) get their factor measured, each over the picked volumes.
+    assert len(calls) == (0 if max_decode_voxels else 2 * images)
