@@ -26,9 +26,15 @@ defaults :data:`ANOMALY_DEFAULTS`, read with :func:`anomaly_settings`)::
 
     {"strategy": "anoddpm", "num_reconstructions": 1, "map_smoothing_sigma": 1.0,
      "encode_fraction": 0.5, "classifier_scale": 100.0, "classifier_max_t_fraction": 1.0,
-     "classifier_pooling": "attention", "guidance_scale": 3.0, "condition_dropout": 0.1}
+     "classifier_pooling": "attention", "guidance_scale": 3.0, "condition_dropout": 0.1,
+     "latent_resample_quantile": 0.9}
 
 AnoDDPM's t_λ is the plan's ``sampling.start_fraction`` (not repeated here).
+
+Latent configurations (``*_latent``, planned for large images) train
+:class:`LatentAnomalyDDPMTrainer`: the fold's autoencoder stage and the latent diffusion model both
+learn the healthy training cases, with Gaussian noise in latent space; prediction:
+``nndiff.tasks.anomaly_predictor.LatentAnomalyPredictor`` (anoddpm with masked resampling).
 
 Checkpoints: every trainer writes the Trainer base format (``Trainer.checkpoint_state``: weights,
 ``ema_weights``, optimizer, ..., ``extra``). ``extra["anomaly"]`` holds ``strategy`` and
@@ -66,6 +72,7 @@ from nndiff.errors import NnDiffError, PlansError
 from nndiff.networks.classifier import POOLINGS, NoisyClassifier, build_classifier
 from nndiff.planning.decision import Decision, fmt_num, fmt_shape
 from nndiff.tasks.generation import ConditionEncoder, GenerationTrainer
+from nndiff.tasks.latent import LatentDiffusionTrainer
 from nndiff.training import Trainer, per_sample, register_trainer
 from nndiff.training.data import CaseArrays, CaseStore
 
@@ -201,11 +208,17 @@ ANOMALY_DEFAULTS: dict[str, Any] = {
     "classifier_pooling": "attention",
     "guidance_scale": 3.0,
     "condition_dropout": 0.1,
+    "latent_resample_quantile": 0.9,
 }
 #: AnoDDPM's ratio of the first simplex octave's feature size to the image side (64 / 256).
 SIMPLEX_FEATURE_FRACTION = 0.25
 #: The finest simplex octave's feature size in voxels (AnoDDPM at 256²: 64 / 2⁵ = 2).
 SIMPLEX_FINEST_FEATURE = 2.0
+#: Why a latent anomaly configuration diffuses with Gaussian noise.
+LATENT_NOISE_REASON = ("latent configuration → Gaussian noise: simplex noise's role is to cover lesion-sized, "
+                       "low-frequency structures of the image, and a latent voxel already spans the downsampling "
+                       "factors' pixels; latent anomaly detection (Pinaya et al. 2022) noises latents with "
+                       "Gaussian noise")
 #: Image side per voxel of anomaly-map smoothing sigma (256 → sigma 2 voxels).
 SMOOTHING_SIDE_PER_VOXEL = 128.0
 
@@ -224,7 +237,7 @@ def _check_setting(key: str, value: Any) -> str | None:
         return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "must be an integer >= 1"
     if not _number(value):
         return "must be a number"
-    if key in ("encode_fraction", "classifier_max_t_fraction"):
+    if key in ("encode_fraction", "classifier_max_t_fraction", "latent_resample_quantile"):
         return None if 0 < value <= 1 else "must be in (0, 1]"
     if key == "condition_dropout":
         return None if 0 <= value < 1 else "must be in [0, 1)"
@@ -302,6 +315,9 @@ def decide_anomaly_block(patch_size: Sequence[int]) -> tuple[dict[str, Any], dic
                                   "1 = plain conditional decoding, larger removes more)",
         "anomaly.condition_dropout": "CDPM drops the health label with p = 0.1 in training (Ho & Salimans 2022) "
                                      "so the null token learns the unconditional model",
+        "anomaly.latent_resample_quantile": "latent configurations: the second pass resamples the latent voxels "
+                                            "whose first-pass change is in the top 10 % of the image (dilated by "
+                                            "one voxel) and holds the rest (nnDiff's choice; 1 = one pass only)",
     }
     return block, reasons
 
@@ -316,7 +332,13 @@ def plan_overrides(fingerprint: Mapping[str, Any], plans: dict[str, Any]) -> dic
             continue  # an inherits_from override without its own patch: the parent carries the block
         reasons = config.setdefault("reasons", {})
         diffusion = config.get("diffusion")
-        if isinstance(diffusion, dict) and diffusion.get("noise_type") == NoiseType.SIMPLEX.value:
+        autoencoder = config.get("autoencoder")
+        if isinstance(autoencoder, dict) and isinstance(diffusion, dict):
+            # Latent configuration: the block's sizes are in pixels (latent patch × factors).
+            patch = [int(p) * int(f) for p, f in zip(patch, autoencoder["downsampling_factors"])]
+            diffusion["noise_type"], diffusion["noise_params"] = NoiseType.GAUSSIAN.value, {}
+            reasons["diffusion.noise_type"] = LATENT_NOISE_REASON
+        elif isinstance(diffusion, dict) and diffusion.get("noise_type") == NoiseType.SIMPLEX.value:
             simplex = decide_simplex(patch)
             frequency, octaves = simplex.value
             diffusion["noise_params"] = {**(diffusion.get("noise_params") or {}), "frequency": frequency,
@@ -352,7 +374,7 @@ class _HealthMixin:
 
     def _classify_health(self) -> dict[str, bool]:
         trainer: Any = self
-        verdicts = healthy_cases_in_folder(trainer.data_folder, trainer.case_metadata,
+        verdicts = healthy_cases_in_folder(self._label_folder(), trainer.case_metadata,
                                            [*dict.fromkeys([*trainer.train_cases, *trainer.val_cases])],
                                            metadata_file=str(trainer.preprocessed_dataset_dir / METADATA_FILE))
         counts = Counter((source, healthy) for healthy, source in verdicts.values())
@@ -367,9 +389,24 @@ class _HealthMixin:
         for item in trainer.validation_items:
             item.arrays.pop("seg", None)
 
+    def _label_folder(self) -> Path:
+        """The preprocessed pixel folder whose ``seg`` arrays the healthy rule reads (a latent
+        trainer's data folder is its latent cache, which has none)."""
+        trainer: Any = self
+        return Path(getattr(trainer, "pixel_folder", None) or trainer.data_folder)
+
     def _where(self) -> str:
         trainer: Any = self
-        return f" of fold {trainer.fold} ({trainer.data_folder})"
+        return f" of fold {trainer.fold} ({self._label_folder()})"
+
+    def train_on_healthy_cases(self) -> None:
+        """Keep the fold's healthy training cases (validation keeps all cases); log the counts."""
+        trainer: Any = self
+        self.healthy = self._classify_health()
+        all_train = list(trainer.train_cases)
+        trainer.train_cases = require_healthy(self.healthy, all_train, self.strategy, self._where())
+        trainer.log(f"{self.strategy}: training on {len(trainer.train_cases)} healthy of {len(all_train)} training "
+                    f"cases; validating on all {len(trainer.val_cases)} validation cases")
 
     def anomaly_extra(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "class_map": dict(CLASS_MAP)}
@@ -406,11 +443,7 @@ class AnomalyDDPMTrainer(_HealthMixin, GenerationTrainer):
             return
         super().initialize()
         self._use_images_only()
-        self.healthy = self._classify_health()
-        all_train = list(self.train_cases)
-        self.train_cases = require_healthy(self.healthy, all_train, self.strategy, self._where())
-        self.log(f"{self.strategy}: training on {len(self.train_cases)} healthy of {len(all_train)} training "
-                 f"cases; validating on all {len(self.val_cases)} validation cases")
+        self.train_on_healthy_cases()
         if self.is_conditional:  # continuous statistics over the cases actually trained on
             self._set_conditions(ConditionEncoder.from_dataset_json(
                 self._dataset_json(), [self.case_metadata.get(c, {}) for c in self.train_cases]))
@@ -418,6 +451,54 @@ class AnomalyDDPMTrainer(_HealthMixin, GenerationTrainer):
     def checkpoint_extra_state(self) -> dict[str, Any]:
         return {**super().checkpoint_extra_state(),
                 "anomaly": {**self.anomaly_extra(), "num_healthy_training_cases": len(self.train_cases)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent AnoDDPM
+# ----------------------------------------------------------------------------------------------
+#: What the autoencoder stage of an anomaly-detection latent configuration is called in errors.
+AUTOENCODER_STAGE = "latent anoddpm (autoencoder stage)"
+
+
+def restrict_autoencoder_to_healthy(trainer: Any) -> None:
+    """The autoencoder stage of an anomaly-detection latent configuration learns the fold's healthy
+    training cases only (Pinaya et al. 2022 train both stages on healthy brains): an autoencoder
+    that has learnt lesions lets them through the healthy latent prior more easily. Images only (the
+    loader refuses batches mixing cases with and without masks). Called by ``AutoencoderTrainer``."""
+    trainer.store = ImageOnlyStore(trainer.data_folder)
+    for item in trainer.validation_items:
+        item.arrays.pop("seg", None)
+    verdicts = healthy_cases_in_folder(trainer.data_folder, trainer.case_metadata,
+                                       [*dict.fromkeys([*trainer.train_cases, *trainer.val_cases])],
+                                       metadata_file=str(trainer.preprocessed_dataset_dir / METADATA_FILE))
+    healthy = {case: verdict for case, (verdict, _) in verdicts.items()}
+    all_train = list(trainer.train_cases)
+    trainer.train_cases = require_healthy(healthy, all_train, AUTOENCODER_STAGE,
+                                          f" of fold {trainer.fold} ({trainer.data_folder})")
+    trainer.log(f"autoencoder stage of an anomaly-detection dataset: training on {len(trainer.train_cases)} healthy "
+                f"of {len(all_train)} training cases")
+
+
+@register_trainer
+class LatentAnomalyDDPMTrainer(_HealthMixin, LatentDiffusionTrainer):
+    """AnoDDPM in latent space (the ``*_latent`` configurations of anomaly detection): the fold's
+    autoencoder stage and the latent diffusion model both learn the fold's healthy training cases;
+    the latent predictor (``LatentAnomalyPredictor``) noises an input's latent to t_λ, denoises it,
+    resamples the latent voxels that moved most with the rest held (masked resampling) and compares
+    the decoded result with the autoencoder's reconstruction of the input."""
+
+    strategy = "anoddpm"
+
+    def initialize(self) -> None:
+        if self.initialized:
+            return
+        super().initialize()
+        self.train_on_healthy_cases()
+
+    def checkpoint_extra_state(self) -> dict[str, Any]:
+        return {**super().checkpoint_extra_state(),
+                "anomaly": {**self.anomaly_extra(), "latent": True,
+                            "num_healthy_training_cases": len(self.train_cases)}}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nndiff.diffusion.options import TaskFamily
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.networks.autoencoder import (build_autoencoder, kl_divergence, measure_scale_factor,
                                          parse_autoencoder_config, weights_sha256)
@@ -223,6 +224,10 @@ class AutoencoderTrainer(Trainer):
         if self.initialized:
             return
         super().initialize()
+        if str(self.plans.get("task", "")) == TaskFamily.ANOMALY_DETECTION.value:
+            from nndiff.tasks.anomaly import restrict_autoencoder_to_healthy  # anomaly imports the latent trainer
+
+            restrict_autoencoder_to_healthy(self)
         if self.ae_config.adversarial:
             self.discriminator = PatchDiscriminator(self.ae_config.spatial_dims, self.network.config.in_channels,
                                                     self.ae_config.base_channels).to(self.device)

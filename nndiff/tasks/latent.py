@@ -51,9 +51,10 @@ CACHE_KEY_LENGTH = 16
 #: The cache is written only when the disk keeps this factor × the latents' bytes free afterwards.
 CACHE_DISK_MARGIN = 2.0
 #: Families whose latent configurations this version trains and predicts.
-LATENT_FAMILIES = (TaskFamily.GENERATION.value,)
+LATENT_FAMILIES = (TaskFamily.GENERATION.value, TaskFamily.ANOMALY_DETECTION.value)
 #: Trainer of each family's latent configurations (the lead's default_trainer reads this).
-LATENT_TRAINERS = {TaskFamily.GENERATION.value: "LatentDiffusionTrainer"}
+LATENT_TRAINERS = {TaskFamily.GENERATION.value: "LatentDiffusionTrainer",
+                   TaskFamily.ANOMALY_DETECTION.value: "LatentAnomalyDDPMTrainer"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -228,8 +228,9 @@ class Trainer:
         if "autoencoder" in self.configuration and not self.handles_latent_configurations:
             raise PlansError(f"configuration {self.configuration_name!r} is a latent configuration (it has an "
                              f"'autoencoder' block), which {type(self).__name__} does not train: it would train "
-                             "a pixel-space network on the wrong grid. Fix: drop -tr to use the latent trainer "
-                             "(LatentDiffusionTrainer), or train a pixel configuration (2d / 3d_fullres)")
+                             "a pixel-space network on the wrong grid. Fix: drop -tr to use the family's latent trainer "
+                             "(LatentDiffusionTrainer for generation, LatentAnomalyDDPMTrainer for anomaly "
+                             "detection), or train a pixel configuration (2d / 3d_fullres)")
         if self.configuration.get("trainable", True) is False:
             status = self.configuration.get("status", "not trainable")
             raise PlansError(f"configuration {self.configuration_name!r} cannot be trained: {status}")
