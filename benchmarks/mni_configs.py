@@ -12,7 +12,7 @@ configuration, one that ``inherits_from`` it (documentation/benchmarks.md says w
   (train, predict, evaluate) in about a minute on a CPU, to find crashes before device time is spent.
 
 A dataset planned with ``3d_latent`` also gets ``3d_latent_gpu`` (its planned sizes, the same
-learning-rate schedule) or ``3d_latent_tiny`` (an 8-channel autoencoder on 16×32×32 patches, a tiny
+learning-rate schedule, an autoencoder stage of 3 epochs) or ``3d_latent_tiny`` (an 8-channel autoencoder on 16×32×32 patches, a tiny
 latent UNet). The configurations reuse the planned preprocessed data (same ``data_identifier``).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 GPU_TRAINING = {"initial_lr": 2e-4, "warmup_iterations": 500, "progress_every_epochs": 4}
+GPU_AUTOENCODER_EPOCHS = 3
 TINY_NETWORK = {"model_channels": 16, "channel_mult": [1, 2], "strides": None, "num_res_blocks": 1,
                 "attention_levels": [], "num_head_channels": 16, "norm_groups": 8, "dropout": 0.0}
 TINY_TRAINING = {"num_iterations_per_epoch": 5, "num_epochs": 2, "num_val_cases": 2, "warmup_iterations": 2,
@@ -44,7 +45,10 @@ def added_configurations(plans: dict, scale: str) -> dict[str, dict]:
                                 "training": dict(TINY_TRAINING)}
     if "3d_latent" in configs:
         if scale == "gpu":
-            added["3d_latent_gpu"] = {"inherits_from": "3d_latent", "training": dict(GPU_TRAINING)}
+            # The planned autoencoder stage (100 epochs) would take the whole session: 3 epochs (750
+            # iterations on the one training volume) leave the latent model >= 15 minutes in 2-3 calls.
+            added["3d_latent_gpu"] = {"inherits_from": "3d_latent", "training": dict(GPU_TRAINING),
+                                      "autoencoder": {"training": {"num_epochs": GPU_AUTOENCODER_EPOCHS}}}
         else:
             added["3d_latent_tiny"] = {
                 "inherits_from": "3d_latent", "batch_size": 2, "patch_size": [8, 16, 16],

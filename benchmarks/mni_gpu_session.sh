@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# The MNI152 GPU runs of issues 4-7 as a few `run` calls (documentation/benchmarks.md, "Still to run").
+#
+#   bash benchmarks/mni_gpu_session.sh prepare            # here: npz datasets 010-016 + wheels (~25 MB + ~2 MB)
+#   bash benchmarks/mni_gpu_session.sh setup              # GPU: install wheels, plan + preprocess, gpu configs
+#   bash benchmarks/mni_gpu_session.sh train GROUPS SECONDS    # GPU: trainings of GROUPS in parallel (resumable)
+#   bash benchmarks/mni_gpu_session.sh evaluate GROUPS SECONDS # GPU: predictions + evaluations, each under timeout
+#   bash benchmarks/mni_gpu_session.sh throughput         # GPU: issue-4 throughput pair, alone on the GPU
+#
+# GROUPS: comma-separated of 5 (reconstruction / denoising / translation), 6 (anomaly strategies,
+# segmentation), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
+# .device_carry and .whl and begins with `bash benchmarks/mni_gpu_session.sh setup`, which is quick
+# (~10 s) and skips what the warm machine already has. Work goes to .device_work/ (ignored; kept
+# between calls while the machine stays warm), results and logs to $OUT (or ./kit_out).
+# SCALE=tiny DEVICE=cpu runs the same steps with the 2d_tiny / 3d_latent_tiny configurations: the
+# CPU dry run that finds crashes before device time is spent.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CARRY=$ROOT/.device_carry
+WORK=${WORK:-$ROOT/.device_work}
+OUT=${OUT:-$ROOT/kit_out}
+SCALE=${SCALE:-gpu}
+DEVICE=${DEVICE:-cuda}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}:/tmp/site
+export nnDiff_raw=$WORK/raw nnDiff_preprocessed=$WORK/pre nnDiff_results=$WORK/res
+export PYTHONUNBUFFERED=1 nnDiff_n_proc_DA=${nnDiff_n_proc_DA:-2}
+CFG2=2d_$SCALE
+CFG3=3d_latent_$SCALE
+# The entry points, with SimpleITK made unimportable: the GPU machine has none, the CPU dry run must not use it.
+PY=(python3 -c "import sys, importlib; sys.modules['SimpleITK'] = None; m, f = sys.argv.pop(1).split(':'); sys.exit(getattr(importlib.import_module(m), f)())")
+TRAIN=("${PY[@]}" nndiff.run.train:train_entry)
+PREDICT=("${PY[@]}" nndiff.inference.cli:predict_entry)
+EVALUATE=("${PY[@]}" nndiff.run.evaluate:evaluate_folder_entry)
+EVAL_AE=("${PY[@]}" nndiff.run.evaluate_autoencoder:main)
+
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+if [ "$DEVICE" = cpu ]; then  # dry run: every Python process of the kit without SimpleITK, as on the GPU machine
+    mkdir -p "$WORK/no_simpleitk"
+    echo 'raise ImportError("SimpleITK is blocked for the dry run (the GPU machine has none)")' \
+        > "$WORK/no_simpleitk/SimpleITK.py"
+    export PYTHONPATH=$WORK/no_simpleitk:$PYTHONPATH
+fi
+
+prepare() {
+    rm -rf "$CARRY"; mkdir -p "$CARRY/raw"
+    local c=(python3 -m nndiff.dataset_conversion.mni152 -o "$CARRY/raw" --file_ending .npz)
+    "${c[@]}" -d 10
+    "${c[@]}" -d 11 --task reconstruction
+    "${c[@]}" -d 12 --task denoising
+    "${c[@]}" -d 13 --task translation
+    "${c[@]}" -d 14 --task anomaly_detection --seed 0
+    "${c[@]}" -d 15 --task segmentation
+    "${c[@]}" -d 16 --mode 3d --slab_size 200 --heldout_position end
+    mkdir -p "$ROOT/.whl"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$ROOT/.whl" batchgenerators monai==1.6.1 || log "wheel download failed: carry .whl by hand (device/README.md)"
+    du -sh "$CARRY" "$ROOT/.whl"
+}
+
+setup() {
+    if [ -d "$ROOT/.whl" ] && ! python3 -c "import batchgenerators" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            "$ROOT"/.whl/*.whl
+    fi
+    if [ ! -d "$WORK/pre" ]; then
+        mkdir -p "$WORK"; cp -r "$CARRY/raw" "$WORK/raw"
+        "${PY[@]}" nndiff.run.plan_and_preprocess:plan_and_preprocess_entry -d 10 11 12 13 14 15 16 \
+            --gpu_memory_target 24 -q
+        python3 "$ROOT/benchmarks/mni_configs.py" "$WORK/pre" "$SCALE"
+    fi
+    mkdir -p "$OUT" "$WORK/logs"
+    log "setup done: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "$DEVICE")"
+}
+
+# JOBS: "group dataset config fold trainer"
+jobs_of() {
+    local groups=",$1,"
+    [[ $groups == *,5,* ]] && printf '%s\n' "5 11 $CFG2 0 ReconstructionTrainer" "5 12 $CFG2 0 DenoisingTrainer" \
+        "5 13 $CFG2 0 TranslationTrainer"
+    [[ $groups == *,6,* ]] && printf '%s\n' "6 14 $CFG2 1 AnomalyDDPMTrainer" "6 14 $CFG2 1 AnomalyCDPMTrainer" \
+        "6 14 $CFG2 1 AnomalyClassifierTrainer" "6 15 $CFG2 0 SegmentationDiffusionTrainer" \
+        "6 15 $CFG2 0 SegmentationBaselineTrainer"
+    [[ $groups == *,7,* ]] && printf '%s\n' "7 16 $CFG3 all LatentDiffusionTrainer"
+    return 0
+}
+
+model_dir() {  # dataset config trainer
+    echo "$(ls -d "$nnDiff_results"/Dataset0"$1"_*)/$3__nnDiffPlans__$2"
+}
+
+train() {
+    local groups=$1 seconds=$2 pids=()
+    while read -r group id config fold trainer; do
+        [ -z "$group" ] && continue
+        local folder resume=()
+        folder=$(ls -d "$nnDiff_results"/Dataset0"$id"_* 2>/dev/null || true)
+        [ -n "$folder" ] && [ -e "$folder/${trainer}__nnDiffPlans__$config/fold_$fold/checkpoint_latest.pth" ] && resume=(--continue)
+        log "train $id $config $fold $trainer ${resume[*]:-}"
+        "${TRAIN[@]}" "$id" "$config" "$fold" -tr "$trainer" --time_limit "$seconds" -device "$DEVICE" "${resume[@]}" \
+            > "$WORK/logs/train_${id}_$trainer.log" 2>&1 &
+        pids+=($!)
+    done < <(jobs_of "$groups")
+    local status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    collect
+    log "trainings finished (status $status)"
+    return $status
+}
+
+under() {  # seconds name command...: one evaluation step with its own limit, logged, failures reported
+    local seconds=$1 name=$2; shift 2
+    log "start $name"
+    if timeout "$seconds" "$@" > "$WORK/logs/$name.log" 2>&1; then log "done $name"; else log "FAILED/TIMEOUT $name (log: $name.log)"; fi
+    tail -3 "$WORK/logs/$name.log" || true
+}
+
+evaluate_5() {
+    local s=$1 k=4
+    [ "$SCALE" = tiny ] && k=1
+    local fa=(python3 "$ROOT/benchmarks/family_arrays.py")
+    for id in 11 12 13; do "${fa[@]}" pack "$(ls -d "$nnDiff_raw"/Dataset0"$id"_*)" "$WORK/pack$id.npz" > /dev/null; done
+    under "$s" eval_11 "${fa[@]}" reconstruction "$(model_dir 11 "$CFG2" ReconstructionTrainer)" "$WORK/pack11.npz" \
+        "$OUT/eval_11" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" &
+    under "$s" eval_12 "${fa[@]}" denoising "$(model_dir 12 "$CFG2" DenoisingTrainer)" "$WORK/pack12.npz" \
+        "$OUT/eval_12" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" &
+    under "$s" eval_13 "${fa[@]}" translation "$(model_dir 13 "$CFG2" TranslationTrainer)" "$WORK/pack13.npz" \
+        "$OUT/eval_13" -n $((2 * k)) -chk checkpoint_best.pth -device "$DEVICE" &
+    wait
+}
+
+evaluate_6() {
+    local s=$1 raw14 raw15 calib=$WORK/calib14
+    raw14=$(ls -d "$nnDiff_raw"/Dataset014_*); raw15=$(ls -d "$nnDiff_raw"/Dataset015_*)
+    # Threshold calibration on fold 1's validation cases (7 lesioned + 9 healthy), never on imagesTs.
+    rm -rf "$calib"; mkdir -p "$calib/imagesTr" "$calib/labelsTr"
+    python3 - "$nnDiff_preprocessed" "$raw14" "$calib" <<'EOF'
+import json, pathlib, sys
+pre, raw, calib = (pathlib.Path(a) for a in sys.argv[1:])
+val = json.loads(next(pre.glob("Dataset014_*/splits_final.json")).read_text())[1]["val"]
+for case in val:
+    for src in list((raw / "imagesTr").glob(f"{case}_0000.*")) + list((raw / "labelsTr").glob(f"{case}.*")):
+        (calib / src.parent.name / src.name).symlink_to(src)
+EOF
+    for strategy in anoddpm cdpm wolleb; do
+        local trainer=AnomalyDDPMTrainer
+        [ "$strategy" = cdpm ] && trainer=AnomalyCDPMTrainer
+        [ "$strategy" = wolleb ] && trainer=AnomalyCDPMTrainer  # guides the all-cases (CDPM null-token) model
+        under "$s" "anomaly_$strategy" bash -c "$(printf '%q ' "${PREDICT[@]}") -d 14 -c $CFG2 -tr $trainer -f 1 \
+            -i $raw14/imagesTs -o $OUT/anomaly_$strategy --anomaly_strategy $strategy -device $DEVICE \
+            --calibrate_threshold $calib/imagesTr $calib/labelsTr && $(printf '%q ' "${EVALUATE[@]}") \
+            $raw14/labelsTs $OUT/anomaly_$strategy -d 14 --images $raw14/imagesTs --training $raw14/imagesTr" &
+    done
+    under "$s" seg_diffusion bash -c "$(printf '%q ' "${PREDICT[@]}") -d 15 -c $CFG2 -tr SegmentationDiffusionTrainer \
+        -f 0 -i $raw15/imagesTs -o $OUT/seg_diffusion -device $DEVICE" &
+    under "$s" seg_baseline bash -c "$(printf '%q ' "${PREDICT[@]}") -d 15 -c $CFG2 -tr SegmentationBaselineTrainer \
+        -f 0 -i $raw15/imagesTs -o $OUT/seg_baseline -device $DEVICE" &
+    wait
+    under 300 seg_evaluate "${EVALUATE[@]}" "$raw15/labelsTs" "$OUT/seg_diffusion" -d 15 --baseline "$OUT/seg_baseline"
+}
+
+evaluate_7() {
+    local s=$1 n=2
+    [ "$SCALE" = tiny ] && n=1
+    under "$s" autoencoder_heldout "${EVAL_AE[@]}" -d 16 -c "$CFG3" -f all -device "$DEVICE" \
+        -o "$OUT/autoencoder_evaluation.json"
+    under "$s" latent_samples "${PREDICT[@]}" -d 16 -c "$CFG3" -tr LatentDiffusionTrainer -f all \
+        -o "$OUT/latent_samples" --num_samples "$n" --shape median -device "$DEVICE"
+    # Pixel-space 3D at the planned patch (the largest that fits the 24 GiB plan): a few iterations are
+    # enough to time sampling and measure its memory (both independent of training quality).
+    local pixel=3d_fullres
+    [ "$SCALE" = tiny ] && pixel=2d_tiny
+    under "$s" pixel_train "${TRAIN[@]}" 16 "$pixel" all --iterations 10 -device "$DEVICE"
+    under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
+        -o "$OUT/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE"
+    if [ "$DEVICE" = cuda ]; then
+        under "$s" memory_latent env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py" mr:8:3d_latent \
+            mr:24:3d_latent mr:64:3d_latent mr:8:3d_latent:ae mr:24:3d_latent:ae mr:64:3d_latent:ae
+    else
+        under "$s" memory_latent env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py" mr:8:3d_latent \
+            mr:8:3d_latent:ae
+    fi
+}
+
+evaluate() {
+    local groups=",$1,"
+    [[ $groups == *,5,* ]] && evaluate_5 "$2" &
+    [[ $groups == *,6,* ]] && evaluate_6 "$2" &
+    [[ $groups == *,7,* ]] && evaluate_7 "$2" &
+    wait
+    collect
+}
+
+collect() {  # logs, progress plots and summaries of every model into $OUT (small files only)
+    mkdir -p "$OUT/models"
+    cp "$WORK"/logs/*.log "$OUT/" 2>/dev/null || true
+    find "$nnDiff_results" -maxdepth 4 \( -name 'progress.png' -o -name 'training_log_*.txt' -o -name 'autoencoder.json' \
+        -o -name 'samples_epoch_*.png' \) 2>/dev/null | while read -r f; do
+        local rel=${f#"$nnDiff_results"/}
+        mkdir -p "$OUT/models/$(dirname "$rel")"; cp "$f" "$OUT/models/$rel"
+    done
+}
+
+throughput() {
+    python3 "$ROOT/benchmarks/train_throughput.py" --device "$DEVICE" --precisions bf16,fp32 --parallel_compile \
+        --output "$OUT/throughput"
+}
+
+step=${1:-}
+case "$step" in
+    prepare) prepare ;;
+    setup) setup ;;
+    train) setup; train "${2:?GROUPS}" "${3:?SECONDS}" ;;
+    evaluate) setup; evaluate "${2:?GROUPS}" "${3:?SECONDS}" ;;
+    throughput) setup; throughput ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,63 @@
+"""The MNI152 benchmark helpers: benchmarks/mni_configs.py adds configurations that resolve and build,
+and benchmarks/mni_gpu_session.sh parses and lists its jobs (the GPU runs themselves are in
+documentation/benchmarks.md)."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nndiff.networks import build_network
+from nndiff.networks.autoencoder import build_autoencoder
+from nndiff.planning import configurations, plan_experiment, resolve_configuration
+from nndiff.tasks.latent import network_block
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def plans():
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "planning"))
+    try:
+        import planning_fixtures as fx
+    finally:
+        sys.path.pop(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(configurations, "LATENT_LARGE_IMAGE_VOXELS", {2: 1, 3: 1})
+        return plan_experiment(fx.mr_fingerprint(), fx.dataset_json(channel_names={"0": "T1"}), gpu_memory_target_gib=24.0)
+
+
+@pytest.mark.parametrize("scale", ["gpu", "tiny"])
+def test_mni_configs_resolve_and_build(plans, scale):
+    mni = _load("mni_configs")
+    added = mni.added_configurations(plans, scale)
+    assert set(added) == {f"2d_{scale}", f"3d_latent_{scale}"}
+    full = {**plans, "configurations": {**plans["configurations"], **added}}
+    for name in added:
+        config = resolve_configuration(full, name)
+        assert config["data_identifier"] == resolve_configuration(full, added[name]["inherits_from"])["data_identifier"]
+        build_network(config["network"], seed=0)
+    latent = resolve_configuration(full, f"3d_latent_{scale}")
+    build_autoencoder(network_block(latent["autoencoder"]), 1, 3)
+    if scale == "gpu":
+        assert latent["autoencoder"]["training"]["num_epochs"] == mni.GPU_AUTOENCODER_EPOCHS
+        assert latent["autoencoder"]["patch_size"] == plans["configurations"]["3d_latent"]["autoencoder"]["patch_size"]
+    else:
+        assert latent["max_decode_voxels"] >= 100 * 184 * 148  # the MNI152 1 mm volume in one pass
+
+
+def test_gpu_session_script_parses_and_prints_its_usage():
+    script = BENCHMARKS / "mni_gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "prepare" in usage.stdout and "GROUPS" in usage.stdout
