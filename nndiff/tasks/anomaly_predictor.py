@@ -173,8 +173,9 @@ def save_threshold(model_dir: str | Path, strategy: str, threshold: float, metho
     return path
 
 
-def load_threshold(model_dir: str | Path, strategy: str) -> float | None:
-    """The stored threshold of ``strategy``, or None when the file or the entry is missing."""
+def load_threshold_entry(model_dir: str | Path, strategy: str) -> dict[str, Any] | None:
+    """The stored entry of ``strategy`` (``threshold``, ``method``, ``settings``, ...), or None when the
+    file or the entry is missing; the threshold is checked to be a finite number."""
     path = Path(model_dir) / THRESHOLD_FILE
     if not path.is_file():
         return None
@@ -185,7 +186,22 @@ def load_threshold(model_dir: str | Path, strategy: str) -> float | None:
     if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise NnDiffError(f"{path}: strategies.{strategy}.threshold must be a finite number, got {value!r}. "
                           "Fix: re-run calibrate_threshold or delete the file")
-    return float(value)
+    return {**entry, "threshold": float(value)}
+
+
+def load_threshold(model_dir: str | Path, strategy: str) -> float | None:
+    """The stored threshold of ``strategy``, or None when the file or the entry is missing."""
+    entry = load_threshold_entry(model_dir, strategy)
+    return None if entry is None else entry["threshold"]
+
+
+def settings_differences(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
+    """``key: stored → current`` for every map setting that changed since calibration (an entry
+    written before settings were recorded has none to compare)."""
+    if not isinstance(stored, Mapping):
+        return []
+    return [f"{key}: {stored[key]!r} → {value!r}" for key, value in current.items()
+            if key in stored and stored[key] != value]
 
 
 def dynamic_normalization(low: torch.Tensor, high: torch.Tensor) -> Callable[[torch.Tensor, float], torch.Tensor]:
@@ -470,14 +486,38 @@ class AnomalyPredictor(Predictor):
         return {"map": amap, "reconstruction": recons.mean(axis=0).astype(np.float32), "properties": properties,
                 "score": case_score(amap, self.top_fraction)}
 
+    def map_settings(self) -> dict[str, Any]:
+        """The settings that change the scale or noise of the anomaly map, recorded with a calibrated
+        threshold so that a prediction with other settings is flagged."""
+        settings: dict[str, Any] = {"start_fraction": self.start_fraction, "smoothing_sigma": self.smoothing_sigma,
+                                    "num_reconstructions": self.num_reconstructions, "num_steps": self.num_steps}
+        if self.strategy == "wolleb":
+            settings["classifier_scale"] = self.classifier_scale
+        if self.strategy == "cdpm":
+            settings["guidance_scale"] = self.guidance_scale
+        if self.strategy != "anoddpm":
+            settings["inversion"] = self.inversion
+        return settings
+
     def threshold_for(self, amap: np.ndarray) -> tuple[float, str]:
-        """The mask threshold: given, else stored in the model folder, else Otsu of this case's map."""
+        """The mask threshold: given, else stored in the model folder, else Otsu of this case's map.
+        A stored threshold calibrated with other map settings is used with a warning (once) that
+        names the differences; the source then says so."""
         if self.threshold is not None:
             return self.threshold, "given"
         model_dir = self.model_info.get("model_dir")
-        stored = load_threshold(model_dir, self.strategy) if model_dir else None
-        if stored is not None:
-            return stored, THRESHOLD_FILE
+        entry = load_threshold_entry(model_dir, self.strategy) if model_dir else None
+        if entry is not None:
+            changed = settings_differences(entry.get("settings"), self.map_settings())
+            if not changed:
+                return entry["threshold"], THRESHOLD_FILE
+            note = f"{THRESHOLD_FILE} (calibrated with other settings: {'; '.join(changed)})"
+            if not getattr(self, "_warned_settings", False):
+                logger.warning("the stored %s threshold was calibrated with other map settings (%s); the masks may be "
+                               "off. Fix: re-run --calibrate_threshold with the same flags as this prediction",
+                               self.strategy, "; ".join(changed))
+                self._warned_settings = True
+            return entry["threshold"], note
         return otsu_or_above(np.asarray(amap).ravel()), "otsu_per_case"
 
     def map_ending(self) -> str:
@@ -579,7 +619,8 @@ def calibrate_threshold(predictor: AnomalyPredictor, input_dir: str | Path, mask
                                   f"{list(amap.shape[1:])}. Fix: give masks on the images' grid")
             masks.append(mask)
     threshold, method = choose_threshold(list(maps.values()), masks)
-    save_threshold(target, predictor.strategy, threshold, method, num_cases=len(maps), input_dir=str(input_dir))
+    save_threshold(target, predictor.strategy, threshold, method, num_cases=len(maps), input_dir=str(input_dir),
+                   settings=predictor.map_settings())
     logger.info("anomaly threshold (%s, %s): %.6g on %d case(s)", predictor.strategy, method, threshold, len(maps))
     return {"threshold": threshold, "method": method, "num_cases": len(maps)}
 
@@ -692,6 +733,9 @@ class LatentAnomalyPredictor(_latent_predictor_base(), AnomalyPredictor):  # typ
                            self.smoothing_sigmas()).float().numpy()
         return {"map": amap, "reconstruction": recons.mean(axis=0).astype(np.float32), "properties": properties,
                 "score": case_score(amap, self.top_fraction)}
+
+    def map_settings(self) -> dict[str, Any]:
+        return {**super().map_settings(), "resample_quantile": self.resample_quantile}
 
     def _write_info(self, output_dir: Path, seed: int, extra: dict[str, Any]) -> None:
         super()._write_info(output_dir, seed, {**extra, "latent": True, "resample_quantile": self.resample_quantile,

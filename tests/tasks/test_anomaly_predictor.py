@@ -254,6 +254,29 @@ def test_calibrated_threshold_is_stored_and_used(trained, tmp_path):
     (model_dir / THRESHOLD_FILE).unlink()
 
 
+def test_threshold_calibrated_with_other_settings_is_flagged(trained, caplog):
+    """The calibration records the map settings; a prediction with another smoothing or t_λ uses the
+    stored threshold with a warning naming the change, and says so in its threshold source."""
+    paths, raw, inputs = trained
+    model_dir = _model_dir(paths, "AnomalyDDPMTrainer")
+    try:
+        calibrated = AnomalyPredictor.from_model_folder(model_dir, device="cpu", smoothing_sigma=1.0)
+        entry = calibrate_threshold(calibrated, inputs, masks_dir=raw / "labelsTr")
+        stored = load_json(model_dir / THRESHOLD_FILE)["strategies"]["anoddpm"]["settings"]
+        assert stored == calibrated.map_settings() and stored["smoothing_sigma"] == 1.0
+        amap = np.zeros((1, 1, 4, 4), np.float32)
+        assert calibrated.threshold_for(amap) == (entry["threshold"], THRESHOLD_FILE)
+        other = AnomalyPredictor.from_model_folder(model_dir, device="cpu", smoothing_sigma=2.0, start_fraction=0.1)
+        with caplog.at_level("WARNING"):
+            threshold, source = other.threshold_for(amap)
+            other.threshold_for(amap)
+        assert threshold == entry["threshold"]
+        assert "smoothing_sigma: 1.0 → 2.0" in source and "start_fraction" in source
+        assert sum("re-run --calibrate_threshold" in r.getMessage() for r in caplog.records) == 1  # warned once
+    finally:
+        (model_dir / THRESHOLD_FILE).unlink(missing_ok=True)
+
+
 def test_registered_for_the_anomaly_diffusion_trainers():
     from nndiff.inference.registry import PREDICTORS
 
