@@ -157,16 +157,27 @@ def _mean_metrics(per_case: Sequence[Mapping[str, Mapping[str, float]]], keys: S
                   for metric in per_case[0][key]} for key in keys}
 
 
+def class_names(labels: Mapping[str, Any]) -> dict[str, str]:
+    """Class key -> its dataset.json name (``{"1": "CSF"}``), background excluded."""
+    return {class_key(c): name for name, value in labels.items() for c in labels_or_regions({name: value})}
+
+
 def summarize(per_case: Sequence[Mapping[str, Any]], classes: Sequence[LabelOrRegion],
-              uncertainty: float | None = None) -> dict:
+              uncertainty: float | None = None, names: Mapping[str, str] | None = None) -> dict:
     """nnU-Net's summary layout: ``metric_per_case`` (each with ``metrics`` per class key), ``mean``
-    (per class key) and ``foreground_mean`` (the mean over classes), plus ``uncertainty_auroc``."""
+    (per class key) and ``foreground_mean`` (the mean over classes), plus ``uncertainty_auroc`` and
+    ``class_names`` (class key -> dataset.json name; the tables print ``name (key)``)."""
     keys = [class_key(c) for c in classes]
     mean = _mean_metrics([case["metrics"] for case in per_case], keys) if per_case and keys else {}
     foreground = ({metric: float(np.mean([mean[k][metric] for k in keys])) for metric in mean[keys[0]]}
                   if mean else {})
     return {"foreground_mean": foreground, "mean": mean, "metric_per_case": list(per_case),
-            "uncertainty_auroc": uncertainty}
+            "uncertainty_auroc": uncertainty, "class_names": dict(names or {})}
+
+
+def _row_label(summary: Mapping[str, Any], key: str) -> str:
+    name = (summary.get("class_names") or {}).get(key)
+    return f"{name} ({key})" if name else key
 
 
 # --------------------------------------------------------------------------- diffusion vs deterministic
@@ -189,7 +200,7 @@ def compare_reports(diffusion_summary: Mapping[str, Any], deterministic_summary:
     rows = [(k, diffusion_summary["mean"][k], deterministic_summary["mean"][k]) for k in keys]
     rows.append(("foreground mean", diffusion_summary["foreground_mean"], deterministic_summary["foreground_mean"]))
     for key, a, b in rows:
-        lines.append(f"| {key} | {_fmt(a['Dice'])} | {_fmt(b['Dice'])} | {a['Dice'] - b['Dice']:+.4f} | "
+        lines.append(f"| {_row_label(diffusion_summary, key)} | {_fmt(a['Dice'])} | {_fmt(b['Dice'])} | {a['Dice'] - b['Dice']:+.4f} | "
                      f"{_fmt(a['HD95'], 2)} | {_fmt(b['HD95'], 2)} |")
     lines.append(f"| uncertainty AUROC | {_fmt(diffusion_summary.get('uncertainty_auroc'))} | "
                  f"{_fmt(deterministic_summary.get('uncertainty_auroc'))} | | | |")
@@ -202,7 +213,7 @@ def format_segmentation_table(summary: Mapping[str, Any]) -> str:
         return compare_reports(summary, summary["deterministic_baseline"])
     lines = ["| label/region | Dice | HD95 (mm) |", "| --- | --- | --- |"]
     rows = list(summary["mean"].items()) + [("foreground mean", summary["foreground_mean"])]
-    lines += [f"| {key} | {_fmt(m['Dice'])} | {_fmt(m['HD95'], 2)} |" for key, m in rows]
+    lines += [f"| {_row_label(summary, key)} | {_fmt(m['Dice'])} | {_fmt(m['HD95'], 2)} |" for key, m in rows]
     lines.append(f"uncertainty AUROC: {_fmt(summary.get('uncertainty_auroc'))}")
     return "\n".join(lines)
 
@@ -281,7 +292,7 @@ def evaluate_segmentation_folder(reference: PathLike, prediction: PathLike, *, d
                        prediction, len(uncertainties), len(references))
     auroc = (uncertainty_auroc(uncertainties, [p for p, _ in maps], [t for _, t in maps], max_voxels)
              if uncertainties else None)
-    return summarize(per_case, classes, auroc)
+    return summarize(per_case, classes, auroc, class_names(labels))
 
 
 def evaluate_segmentation_folders(reference: PathLike, prediction: PathLike, *, dataset_json: PathLike,

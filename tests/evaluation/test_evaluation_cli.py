@@ -425,7 +425,7 @@ def test_segmentation_dataset_is_dispatched_with_the_baseline(tmp_path, capsys):
     summary = json.loads((root / "diffusion" / "summary.json").read_text(encoding="utf-8"))
     assert summary["task"] == "segmentation" and summary["foreground_mean"]["Dice"] == 1.0
     assert summary["deterministic_baseline"]["uncertainty_auroc"] == 1.0
-    assert "| 1 | 1.0000 | 0.7500 |" in out  # the side-by-side comparison table
+    assert "| a (1) | 1.0000 | 0.7500 |" in out  # the side-by-side comparison table, with dataset.json names
 
 
 @pytest.mark.parametrize("task, extra, expected", [

@@ -133,7 +133,10 @@ def test_folder_evaluation_with_baseline(tmp_path):
     assert baseline["uncertainty_auroc"] == 1.0
     assert len(summary["metric_per_case"]) == 2 and summary["metric_per_case"][0]["reference_file"].endswith("c0.nii.gz")
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["foreground_mean"]["Dice"] == 1.0 and "| 1 | 1.0000 | 0.7500 |" in written["comparison"]
+    assert written["foreground_mean"]["Dice"] == 1.0 and "| a (1) | 1.0000 | 0.7500 |" in written["comparison"]
+    assert summary["class_names"] == {"1": "a", "2": "b"}  # dataset.json names, printed as "name (value)"
+    single = {k: v for k, v in summary.items() if k != "deterministic_baseline"}
+    assert "| b (2) | 1.0000 |" in format_segmentation_table(single)
     assert "diffusion" in format_segmentation_table(summary)
 
 
@@ -161,7 +164,7 @@ def test_task_folder_dispatch(tmp_path):
     assert summary["task"] == "segmentation" and table == summary["comparison"]
     summary, table = evaluate_task_folders("segmentation", root / "labelsTs", root / "deterministic",
                                            dataset_json=root / "dataset.json")
-    assert "| 2 | 0.6667 | 2.00 |" in table and "uncertainty AUROC: 1.0000" in table
+    assert "| b (2) | 0.6667 | 2.00 |" in table and "uncertainty AUROC: 1.0000" in table
     with pytest.raises(NnDiffError, match="anomaly detection only"):
         evaluate_task_folders("segmentation", root / "labelsTs", root / "diffusion",
                               dataset_json=root / "dataset.json", training_dir=root)
