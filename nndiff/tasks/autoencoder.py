@@ -347,12 +347,15 @@ class AutoencoderTrainer(Trainer):
         return [slices[i] for i in _spread(len(slices), limit)]
 
     def scale_factor_images(self) -> Iterator[np.ndarray]:
-        """The picked training images ``(C, *S)``, padded (edge values) to multiples of the factors."""
+        """The picked training images ``(C, *S)``, padded at their end to multiples of the factors with
+        each channel's minimum, as the latent cache and the latent predictors pad (so the factor is
+        measured on the latents the diffusion model sees)."""
         for case, z in self.scale_factor_picks():
             data = self.store[case].data
             image = data if z is None else data[:, z]
-            pad = [(0, 0)] + [(0, (-n) % f) for n, f in zip(image.shape[1:], self.ae_config.downsampling_factors)]
-            yield np.pad(image, pad, mode="edge")
+            pad = [(0, (-n) % f) for n, f in zip(image.shape[1:], self.ae_config.downsampling_factors)]
+            minimum = image.reshape(image.shape[0], -1).min(axis=1)
+            yield np.stack([np.pad(channel, pad, constant_values=low) for channel, low in zip(image, minimum)])
 
     def measure_checkpoint_scale_factor(self, path: Path) -> dict[str, Any]:
         """Measure the factor with the checkpoint's EMA weights and store it in that checkpoint."""

@@ -219,3 +219,16 @@ def test_scale_factor_follows_the_plans_one_pass_limit(datasets, tmp_path, monke
     images = len(trainer.scale_factor_picks())
     # Two checkpoints (final, best) get their factor measured, each over the picked volumes.
     assert len(calls) == (0 if max_decode_voxels else 2 * images)
+
+
+def test_scale_factor_images_are_padded_with_the_channel_minimum(datasets, tmp_path):
+    """Padding to multiples of the factors uses each channel's minimum, as the latent cache does."""
+    trainer = _trainer(datasets["2d"], tmp_path / "out")
+    trainer.ae_config = type(trainer.ae_config)(**{**trainer.ae_config.__dict__, "downsampling_factors": (5, 5)})
+    for (case, z), image in zip(trainer.scale_factor_picks(), trainer.scale_factor_images()):
+        source = trainer.store[case].data[:, z]
+        assert all(n % 5 == 0 for n in image.shape[1:])
+        ys, xs = source.shape[1:]
+        np.testing.assert_array_equal(image[:, :ys, :xs], source)
+        for channel, low in zip(image, source.reshape(source.shape[0], -1).min(axis=1)):
+            assert (channel[ys:] == low).all() and (channel[:, xs:] == low).all()
