@@ -162,25 +162,28 @@ EOF
 }
 
 evaluate_7() {
-    local s=$1 n=2
-    [ "$SCALE" = tiny ] && n=1
+    local s=$1 n=2 pixel=3d_fullres
+    [ "$SCALE" = tiny ] && n=1 && pixel=2d_tiny
+    local mp=(env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py")
+    [ "$DEVICE" = cuda ] || mp=(env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py")
+    # Phase 1, in parallel: autoencoder ceiling, latent samples, pixel 3D samples (a few iterations are
+    # enough to time sampling at the planned patch and measure its memory: both independent of
+    # training quality), and the 8 / 24 GiB memory cases (one process each: per-process allocator peaks).
     under "$s" autoencoder_heldout "${EVAL_AE[@]}" -d 16 -c "$CFG3" -f all -device "$DEVICE" \
-        -o "$OUT/autoencoder_evaluation.json"
+        -o "$OUT/autoencoder_evaluation.json" &
     under "$s" latent_samples "${PREDICT[@]}" -d 16 -c "$CFG3" -tr LatentDiffusionTrainer -f all \
-        -o "$OUT/latent_samples" --num_samples "$n" --shape median -device "$DEVICE"
-    # Pixel-space 3D at the planned patch (the largest that fits the 24 GiB plan): a few iterations are
-    # enough to time sampling and measure its memory (both independent of training quality).
-    local pixel=3d_fullres
-    [ "$SCALE" = tiny ] && pixel=2d_tiny
-    under "$s" pixel_train "${TRAIN[@]}" 16 "$pixel" all --iterations 10 -device "$DEVICE"
-    under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
-        -o "$OUT/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE"
-    if [ "$DEVICE" = cuda ]; then
-        under "$s" memory_latent env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py" mr:8:3d_latent \
-            mr:24:3d_latent mr:64:3d_latent mr:8:3d_latent:ae mr:24:3d_latent:ae mr:64:3d_latent:ae
-    else
-        under "$s" memory_latent env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py" mr:8:3d_latent \
-            mr:8:3d_latent:ae
+        -o "$OUT/latent_samples" --num_samples "$n" --shape median -device "$DEVICE" &
+    ( under "$s" pixel_train "${TRAIN[@]}" 16 "$pixel" all --iterations 10 -device "$DEVICE"
+      under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
+          -o "$OUT/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE" ) &
+    for case in mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae; do
+        [ "$SCALE" = tiny ] && [[ $case != mr:8:* ]] && continue
+        under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" &
+    done
+    wait
+    # Phase 2: the 64 GiB cases one at a time (each may reserve ~55 GiB of the card).
+    if [ "$SCALE" != tiny ]; then
+        for case in mr:64:3d_latent mr:64:3d_latent:ae; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case"; done
     fi
 }
 
