@@ -48,6 +48,7 @@ setup(
             "nndiff_plan_and_train=nndiff.run.train:plan_and_train_entry",
             "nndiff_predict=nndiff.inference.cli:predict_entry",
             "nndiff_evaluate_folder=nndiff.run.evaluate:evaluate_folder_entry",
+            "nndiff_evaluate_autoencoder=nndiff.run.evaluate_autoencoder:evaluate_autoencoder_entry",
             "nndiff_demo=nndiff.run.demo:main",
             "nndiff_convert_mni152=nndiff.dataset_conversion.mni152:main",
             "nndiff_convert_msd=nndiff.dataset_conversion.msd:main",

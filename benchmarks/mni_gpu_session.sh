@@ -32,7 +32,7 @@ PY=(python3 -c "import sys, importlib; sys.modules['SimpleITK'] = None; m, f = s
 TRAIN=("${PY[@]}" nndiff.run.train:train_entry)
 PREDICT=("${PY[@]}" nndiff.inference.cli:predict_entry)
 EVALUATE=("${PY[@]}" nndiff.run.evaluate:evaluate_folder_entry)
-EVAL_AE=("${PY[@]}" nndiff.run.evaluate_autoencoder:main)
+EVAL_AE=("${PY[@]}" nndiff.run.evaluate_autoencoder:evaluate_autoencoder_entry)
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 

@@ -9,6 +9,7 @@ inverse mapping, geometry, Monte-Carlo mean/std — is here. See documentation/i
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -80,6 +81,12 @@ def inference_autocast_dtype(precision: str, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued CUDA work of ``device`` (no-op elsewhere), so wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_for(seed: int, identifier: str) -> int:
     """The generator seed of one case or sample: a function of ``(seed, identifier)`` only, so a
     case gets the same noise whatever else is in the input folder and in whatever order."""
@@ -145,6 +152,8 @@ class Predictor:
         self._sampled_outside_fold_loop = False
         #: Indices of the samples the running ``generate`` call draws (set by generate_to_folder).
         self.sample_indices: list[int] | None = None
+        #: Seconds spent in ``generate`` by the last generate_to_folder call (sampler + decoder).
+        self.generate_seconds = 0.0
 
     def _checked_fold_names(self, fold_names: Sequence[int | str] | None) -> list[str]:
         if fold_names is None:
@@ -533,6 +542,8 @@ class Predictor:
         batch>")``: the same seed, batch size and folds give identical files. ``prediction`` fold
         ensemble with F folds: sample *i* is drawn by fold *i mod F* alone (fold *f*'s samples
         ``f, f+F, ...`` in batches); ``prediction_info.json`` lists each sample's fold.
+        :attr:`generate_seconds` holds the wall time spent in :meth:`generate` (sampler, and a latent
+        family's decoder; CUDA synchronised), without mapping back and writing.
         """
         if num_samples < 1:
             raise NnDiffError(f"num_samples must be >= 1, got {num_samples}")
@@ -541,13 +552,19 @@ class Predictor:
         output_dir = Path(output_dir)
         written: list[Path] = []
         sample_folds: dict[str, str] = {}
+        self.generate_seconds = 0.0
         for fold, indices in self.generation_batches(num_samples):
             generator = self.make_generator(seed, f"{SAMPLE_PREFIX}_{indices[0]:04d}")
             selection = self.active_folds([fold]) if fold is not None else nullcontext()
             self.sample_indices = indices
             try:
+                synchronize(self.device)
+                started = time.perf_counter()
                 with torch.no_grad(), selection:
-                    batch = self.generate(len(indices), generator, sizes).float().cpu().numpy()
+                    batch = self.generate(len(indices), generator, sizes).float()
+                synchronize(self.device)
+                self.generate_seconds += time.perf_counter() - started
+                batch = batch.cpu().numpy()
             finally:
                 self.sample_indices = None
             if batch.shape[0] != len(indices) or list(batch.shape[2:]) != sizes:

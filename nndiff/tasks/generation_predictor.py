@@ -6,13 +6,16 @@ uses) on the predictor's fold ensemble (:meth:`Predictor.model_fn`: EMA weights 
 averaged over folds at every step, or with ``fold_ensemble="prediction"`` sample i drawn by fold i mod F
 alone), with the plan's sampler and step count unless overridden. Conditions are
 given as metadata (``{"shape": "disk", "size": 6.5}``), checked against the condition encoding the
-trainer stored in the checkpoint, and recorded per sample in ``prediction_info.json``.
+trainer stored in the checkpoint, and recorded per sample in ``prediction_info.json``. Every
+``generate_to_folder`` call writes ``prediction_timing.json`` (seconds per sample, sampler and steps,
+device, CUDA peak memory), so pixel and latent models can be compared.
 See ``documentation/generation.md`` (section *Generating samples*).
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,9 +23,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from nndiff.diffusion.config import DiffusionConfig
+from nndiff.diffusion.config import DiffusionConfig, build_sampler
+from nndiff.diffusion.options import Sampler as SamplerName, parse_option
 from nndiff.errors import NnDiffError, PlansError
-from nndiff.inference.predictor import PREDICTION_INFO, SAMPLE_PREFIX, Predictor
+from nndiff.inference.predictor import PREDICTION_INFO, SAMPLE_PREFIX, Predictor, synchronize
 from nndiff.inference.registry import register_predictor
 from nndiff.tasks.generation import ConditionEncoder, resolve_guidance_scale, sample_images
 from nndiff.utils.files import load_json, save_json
@@ -33,6 +37,36 @@ logger = logging.getLogger(__name__)
 Conditions = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 #: At most this many condition problems are listed in one error (the rest are counted).
 MAX_LISTED_PROBLEMS = 8
+#: Written into the output folder by every generate_to_folder call: time per sample and peak memory.
+PREDICTION_TIMING = "prediction_timing.json"
+TIMING_DEFINITIONS = {
+    "total_seconds": "wall time of the generate_to_folder call: sampling, decoding (latent models), mapping back "
+                     "to original units and writing the files; model loading excluded; CUDA synchronised",
+    "seconds_per_sample": "total_seconds / num_samples",
+    "generate_seconds": "the part of total_seconds spent drawing the samples: sampler steps, plus the autoencoder "
+                        "decoder of a latent model",
+    "peak_memory_reserved_gib": "torch.cuda.max_memory_reserved / 2^30 on the device since the start of the call "
+                                "(the peak counter is reset then; the loaded weights count); null on the CPU",
+    "peak_memory_allocated_gib": "torch.cuda.max_memory_allocated / 2^30, same window; null on the CPU",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak device memory
+# ----------------------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on a CUDA ``device`` (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float | None]:
+    """``peak_memory_reserved_gib`` / ``peak_memory_allocated_gib`` of a CUDA ``device`` since the last
+    :func:`reset_peak_memory` (GiB = 2^30 bytes); both None on other devices."""
+    if device.type != "cuda":
+        return {"peak_memory_reserved_gib": None, "peak_memory_allocated_gib": None}
+    return {"peak_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +371,8 @@ class GenerationPredictor(Predictor):
         ``guidance_scale`` when it plans classifier-free guidance, else 1; ignored without conditions).
         ``prediction_info.json`` records ``guidance_scale`` (the scale used; null when unconditional)
         and ``conditions`` (sample name -> its canonical metadata; null when unconditional).
+        ``prediction_timing.json`` (:meth:`write_timing`) records the time per sample and, on CUDA,
+        the peak memory; one INFO line logs the seconds per sample.
         """
         if num_samples < 1:
             raise NnDiffError(f"num_samples must be >= 1, got {num_samples}")
@@ -349,13 +385,73 @@ class GenerationPredictor(Predictor):
             logger.warning("--guidance_scale ignored: no conditions given (unconditional samples)")
         labels, continuous = self.encode_conditions(rows) if rows is not None else (None, None)
         self._queue = _ConditionQueue(labels, continuous, scale)
+        reset_peak_memory(self.device)
+        synchronize(self.device)
+        started = time.perf_counter()
         try:
             written = super().generate_to_folder(output_dir, num_samples, seed=seed, shape=shape)
         finally:
             self._queue = None
+        synchronize(self.device)
+        total = time.perf_counter() - started
         used = resolve_guidance_scale(self.diffusion, scale, True) if rows is not None else None
         self._record_conditions(Path(output_dir), rows, used)
+        self.write_timing(Path(output_dir), num_samples, self.generation_shape(shape), total)
         return written
+
+    # ---- time per sample and peak memory ----------------------------------------------------
+    def sampler_settings(self) -> tuple[str, int]:
+        """The sampler name and step count the samples were drawn with (overrides, else the plan's)."""
+        sampler = build_sampler(self.diffusion, self.sampler_name, self.num_steps)
+        name = self.diffusion.sampler if self.sampler_name is None else parse_option(SamplerName, self.sampler_name,
+                                                                                     "sampler")
+        return name.value, int(sampler.num_steps)
+
+    def write_timing(self, output_dir: Path, num_samples: int, shape: Sequence[int], total_seconds: float) -> dict:
+        """Write :data:`PREDICTION_TIMING` (time per sample, peak memory) and log one line.
+
+        ``total_seconds``: the whole ``generate_to_folder`` call (sampling, decoding, mapping back to
+        original units, writing the files; model loading excluded). ``generate_seconds``: the part
+        spent in :meth:`generate` (sampler steps, plus the autoencoder decoder of a latent model).
+        """
+        sampler, steps = self.sampler_settings()
+        block = self.configuration.get("autoencoder")
+        latent_shape = None
+        if isinstance(block, Mapping):
+            factors = [int(f) for f in block["downsampling_factors"]]
+            latent_shape = [int(math.ceil(int(s) / f)) for s, f in zip(shape, factors)]
+        memory = peak_memory_gib(self.device)
+        info = {
+            "predictor": type(self).__name__,
+            "configuration": self.configuration_name,
+            "latent": latent_shape is not None,
+            "num_samples": int(num_samples),
+            "shape": [int(s) for s in shape],
+            "latent_shape": latent_shape,
+            "batch_size": self.batch_size,
+            "sampler": sampler,
+            "num_steps": steps,
+            "folds": list(self.fold_names),
+            "fold_ensemble": self.fold_ensemble_info()["fold_ensemble"],
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "autocast": str(self.autocast_dtype) if self.autocast_dtype else "fp32",
+            "total_seconds": total_seconds,
+            "seconds_per_sample": total_seconds / num_samples,
+            "generate_seconds": self.generate_seconds,
+            "generate_seconds_per_sample": self.generate_seconds / num_samples,
+            **memory,
+            "definitions": TIMING_DEFINITIONS,
+        }
+        save_json(info, output_dir / PREDICTION_TIMING)
+        reserved = memory["peak_memory_reserved_gib"]
+        logger.info("generated %d sample(s) of shape %s with %s (%d steps) on %s: %.3f s per sample (%.3f s in "
+                    "sampling%s), %.2f s in total; peak memory reserved %s", num_samples,
+                    "x".join(map(str, info["shape"])), sampler, steps, info["device"],
+                    info["seconds_per_sample"], info["generate_seconds_per_sample"],
+                    " + decoding" if latent_shape is not None else "", total_seconds,
+                    "n/a (CPU)" if reserved is None else f"{reserved:.2f} GiB")
+        return info
 
     def _record_conditions(self, output_dir: Path, rows: list[dict[str, Any]] | None, scale: float | None) -> None:
         """Add the per-sample conditions and the guidance scale to the base's ``prediction_info.json``."""
