@@ -118,16 +118,17 @@ under() {  # seconds name command...: one evaluation step with its own limit, lo
 }
 
 evaluate_5() {
-    local s=$1 k=4
+    local s=$1 k=4 limit=()
     [ "$SCALE" = tiny ] && k=1
+    [ -n "${MAX_CASES:-}" ] && limit=(--max_cases "$MAX_CASES")  # dry runs: the first N held-out cases
     local fa=(python3 "$ROOT/benchmarks/family_arrays.py")
     for id in 11 12 13; do "${fa[@]}" pack "$(ls -d "$nnDiff_raw"/Dataset0"$id"_*)" "$WORK/pack$id.npz" > /dev/null; done
     under "$s" eval_11 "${fa[@]}" reconstruction "$(model_dir 11 "$CFG2" ReconstructionTrainer)" "$WORK/pack11.npz" \
-        "$OUT/eval_11" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" &
+        "$OUT/eval_11" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
     under "$s" eval_12 "${fa[@]}" denoising "$(model_dir 12 "$CFG2" DenoisingTrainer)" "$WORK/pack12.npz" \
-        "$OUT/eval_12" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" &
+        "$OUT/eval_12" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
     under "$s" eval_13 "${fa[@]}" translation "$(model_dir 13 "$CFG2" TranslationTrainer)" "$WORK/pack13.npz" \
-        "$OUT/eval_13" -n $((2 * k)) -chk checkpoint_best.pth -device "$DEVICE" &
+        "$OUT/eval_13" -n $((2 * k)) -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
     wait
 }
 
