@@ -738,6 +738,23 @@ def measure_noise(reporter: Reporter, shape: Sequence[int], device: torch.device
     reporter.phase("simplex noise", time.perf_counter() - start)
 
 
+def print_ratio(precision: str, ratio: float, compile_model: bool) -> None:
+    print(f"RATIO nnDiff / MONAI samples/s, {precision}{' + compile' if compile_model else ''}: {ratio:.3f}",
+          flush=True)
+
+
+def measure_noise_recorded(reporter: Reporter, shape: Sequence[int], device: torch.device, repeats: int) -> bool:
+    """:func:`measure_noise`, a failure recorded as an error row (False) instead of raised."""
+    try:
+        measure_noise(reporter, shape, device, repeats)
+        return True
+    except Exception as error:  # one failed phase must not lose the others
+        traceback.print_exc()
+        reporter.add({"kind": "error", "model": "simplex noise", "precision": "fp32",
+                      "error": f"{type(error).__name__}: {error}"[:2000]})
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     """The whole benchmark; returns the exit status (2: parameter mismatch, 1: a phase failed or was skipped)."""
     if args.threads:
@@ -776,15 +793,8 @@ def run(args: argparse.Namespace) -> int:
         failed = not run_children(args, reporter)
         reporter.phase("parallel children", time.perf_counter() - start)
         for precision, ratio in throughput_ratios(reporter.rows).items():
-            print(f"RATIO nnDiff / MONAI samples/s, {precision}{' + compile' if compile_model else ''}: "
-                  f"{ratio:.3f}", flush=True)
-        try:
-            measure_noise(reporter, shape, device, args.simplex_repeats)
-        except Exception as error:
-            traceback.print_exc()
-            failed = True
-            reporter.add({"kind": "error", "model": "simplex noise", "precision": "fp32",
-                          "error": f"{type(error).__name__}: {error}"[:2000]})
+            print_ratio(precision, ratio, compile_model)
+        failed |= not measure_noise_recorded(reporter, shape, device, args.simplex_repeats)
         return finish_report(reporter, failed)
     batches = make_batches(shape, device)
     reporter.phase("count FLOPs and make batches", time.perf_counter() - start)
@@ -822,16 +832,9 @@ def run(args: argparse.Namespace) -> int:
             reporter.phase(f"{name} {precision}", time.perf_counter() - start)
         ratio = throughput_ratios(reporter.rows).get(precision)
         if ratio is not None:
-            print(f"RATIO nnDiff / MONAI samples/s, {precision}{' + compile' if compile_model else ''}: "
-                  f"{ratio:.3f}", flush=True)
+            print_ratio(precision, ratio, compile_model)
         if index == 0:  # right after the first precision: cheap, and compared with its nnDiff step
-            try:
-                measure_noise(reporter, shape, device, args.simplex_repeats)
-            except Exception as error:
-                traceback.print_exc()
-                failed = True
-                reporter.add({"kind": "error", "model": "simplex noise", "precision": "fp32",
-                              "error": f"{type(error).__name__}: {error}"[:2000]})
+            failed |= not measure_noise_recorded(reporter, shape, device, args.simplex_repeats)
 
     return finish_report(reporter, failed)
 
