@@ -25,19 +25,8 @@ from nndiff.utils.files import load_json, save_json
 
 DATASET = 871
 TINY = "tiny_latent"
-TINY_OVERRIDES = {
-    "network": {"model_channels": 8, "channel_mult": [1, 2], "strides": [[2, 2]], "num_res_blocks": 1,
-                "attention_levels": [1], "num_head_channels": 8, "norm_groups": 4},
-    "patch_size": [8, 8],
-    "batch_size": 2,
-    "training": {"num_iterations_per_epoch": 2, "num_epochs": 2, "num_val_cases": 2, "warmup_iterations": 1,
-                 "augmentation": "none", "progress_every_epochs": 100},
-    "diffusion": {"num_sampling_steps": 4},
-    "autoencoder": {"downsampling_factors": [4, 4], "channel_multipliers": [1, 2, 2], "base_channels": 8,
-                    "num_res_blocks": 1, "norm_groups": 4, "patch_size": [32, 32], "batch_size": 2,
-                    "training": {"num_iterations_per_epoch": 2, "num_epochs": 1, "num_val_cases": 2,
-                                 "warmup_iterations": 1, "augmentation": "none"}},
-}
+# The tiny latent configuration of the latent-generation tests (32² images, factors 4 → 8² latents).
+from test_latent import TINY_OVERRIDES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
