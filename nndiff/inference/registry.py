@@ -29,6 +29,7 @@ PREDICTOR_MODULES: tuple[str, ...] = (
     "nndiff.tasks.anomaly_predictor",
     "nndiff.tasks.segmentation_predictor",
     "nndiff.tasks.latent_predictor",
+    "nndiff.tasks.latent_anomaly_predictor",
 )
 #: trainer class name -> predictor class.
 PREDICTORS: dict[str, type] = {}

@@ -34,7 +34,7 @@ AnoDDPM's t_λ is the plan's ``sampling.start_fraction`` (not repeated here).
 Latent configurations (``*_latent``, planned for large images) train
 :class:`LatentAnomalyDDPMTrainer`: the fold's autoencoder stage and the latent diffusion model both
 learn the healthy training cases, with Gaussian noise in latent space; prediction:
-``nndiff.tasks.anomaly_predictor.LatentAnomalyPredictor`` (anoddpm with masked resampling).
+``nndiff.tasks.latent_anomaly_predictor.LatentAnomalyPredictor`` (anoddpm with masked resampling).
 
 Checkpoints: every trainer writes the Trainer base format (``Trainer.checkpoint_state``: weights,
 ``ema_weights``, optimizer, ..., ``extra``). ``extra["anomaly"]`` holds ``strategy`` and

@@ -15,9 +15,9 @@ from nndiff.errors import NnDiffError, PlansError
 from nndiff.paths import Paths
 from nndiff.pipeline import extract_fingerprint_step, locate_dataset, plan_step, preprocess_step
 from nndiff.planning import configurations
-from nndiff.tasks import anomaly_predictor
+from nndiff.tasks import latent_anomaly_predictor
 from nndiff.tasks.anomaly import LATENT_NOISE_REASON, LatentAnomalyDDPMTrainer
-from nndiff.tasks.anomaly_predictor import LatentAnomalyPredictor, resample_mask
+from nndiff.tasks.latent_anomaly_predictor import LatentAnomalyPredictor, resample_mask
 from nndiff.tasks.latent import AUTOENCODER_INFO, autoencoder_fold_dir
 from nndiff.training import load_checkpoint
 from nndiff.training.api import train_fold
@@ -123,7 +123,7 @@ def test_masked_resampling_holds_the_unmasked_latents(trained, monkeypatch):
     z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     held = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     held[..., :4] = True  # resample the left half only
-    monkeypatch.setattr(anomaly_predictor, "resample_mask", lambda a, b, q: held)
+    monkeypatch.setattr(latent_anomaly_predictor, "resample_mask", lambda a, b, q: held)
     out = predictor.reconstruct_latents(z0, torch.Generator().manual_seed(0))
     keep = ~held.expand_as(z0)
     torch.testing.assert_close(out[keep], z0[keep], atol=1e-5, rtol=0)
