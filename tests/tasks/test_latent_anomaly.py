@@ -184,3 +184,42 @@ def test_cli_calibrates_and_predicts_a_latent_anomaly_model(trained, tmp_path, c
         (model_dir / THRESHOLD_FILE).unlink(missing_ok=True)
     assert predict_entry(argv(tmp_path / "bad", "--anomaly_strategy", "cdpm")) != 0
     assert "not available in latent space" in capsys.readouterr().err
+
+
+def test_3d_volumes_with_anisotropic_factors(tmp_path):
+    """3D: the 3d_mr example as an anomaly-detection dataset (no labels, no flags → healthy), factors
+    2×4×4 and a latent patch smaller than the latent: both stages train, the predictor writes a map,
+    a mask and a reconstruction of each volume with its geometry."""
+    from nndiff.run.train import default_trainer
+
+    paths = Paths(raw=tmp_path / "raw", preprocessed=tmp_path / "pre", results=tmp_path / "res")
+    raw = make_example_dataset("3d_mr", paths.raw, DATASET + 1)
+    dataset_json = load_json(raw / "dataset.json")
+    save_json({**dataset_json, "task": "anomaly_detection"}, raw / "dataset.json")
+    location = locate_dataset(DATASET + 1, paths)
+    extract_fingerprint_step(location)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(configurations, "LATENT_LARGE_IMAGE_VOXELS", {2: 1, 3: 1})
+        plans = plan_step(location)
+    plans["configurations"][TINY] = {
+        "inherits_from": "3d_latent", **TINY_OVERRIDES, "patch_size": [4, 4, 4],
+        "network": {**TINY_OVERRIDES["network"], "strides": [[2, 2, 2]]},
+        "autoencoder": {**TINY_OVERRIDES["autoencoder"], "downsampling_factors": [2, 4, 4],
+                        "patch_size": [16, 16, 16]}}
+    save_json(plans, location.plans_file())
+    preprocess_step(location, configurations=[TINY])
+    assert default_trainer(plans, TINY) == "LatentAnomalyDDPMTrainer"
+    trainer = train_fold(DATASET + 1, TINY, 0, paths, trainer="LatentAnomalyDDPMTrainer", device="cpu",
+                         num_workers=0)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    source = sorted((raw / "imagesTr").iterdir())[0]
+    shutil.copy(source, inputs / source.name)
+    predictor = LatentAnomalyPredictor.from_model_folder(trainer.output_dir.parent, folds=(0,), device="cpu")
+    predictor.predict_from_folder(inputs, tmp_path / "out")
+    case = source.name[: -len("_0000" + dataset_json["file_ending"])]
+    image, props = read_images([source])
+    amap, map_props = read_images([tmp_path / "out" / f"{case}.nii.gz"])
+    recon, _ = read_images([tmp_path / "out" / f"{case}_reconstruction{dataset_json['file_ending']}"])
+    assert amap.shape == recon.shape == image.shape and props.spatial_dims == 3
+    assert np.allclose(map_props.spacing, props.spacing) and np.isfinite(amap).all() and (amap >= 0).all()
