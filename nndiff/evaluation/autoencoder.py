@@ -40,6 +40,7 @@ from nndiff.errors import NnDiffError
 from nndiff.evaluation import image_quality as iq
 from nndiff.evaluation.ssim import DEFAULT_SIGMA, DEFAULT_WIN_SIZE
 from nndiff.paths import Paths
+from nndiff.training.devices import synchronize
 from nndiff.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,6 @@ DEFINITIONS = {
 # ----------------------------------------------------------------------------------------------
 # One case: reconstruction on the configuration's grid
 # ----------------------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _padded(shape: Sequence[int], factors: Sequence[int]) -> list[int]:
     return [int(math.ceil(int(s) / int(f)) * int(f)) for s, f in zip(shape, factors)]
 
@@ -102,7 +98,7 @@ def reconstruct_case(autoencoder: nn.Module, data: np.ndarray, configuration: Ma
     padded = _padded(spatial, factors)
     image_voxels = math.prod(padded)
     slice_batch = max(1, max_voxels // image_voxels)
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     z = torch.from_numpy(encode_case(autoencoder, data, block, spatial_dims, 1.0, device, max_voxels,
                                      slice_batch=slice_batch)).to(device)
@@ -113,7 +109,7 @@ def reconstruct_case(autoencoder: nn.Module, data: np.ndarray, configuration: Ma
             slices = z.permute(1, 0, 2, 3)  # (Z, C_lat, Y', X')
             out = torch.cat([decode_latents(autoencoder, slices[i:i + slice_batch], factors, max_voxels, window)
                              for i in range(0, slices.shape[0], slice_batch)]).permute(1, 0, 2, 3)
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - started
     crop = (slice(None),) + tuple(slice(0, int(n)) for n in data.shape[1:])
     reconstruction = out[crop].float().cpu().numpy()
@@ -131,22 +127,15 @@ def warm_up(autoencoder: nn.Module, configuration: Mapping[str, Any], in_channel
     x = torch.zeros(1, int(in_channels), *[int(p) for p in patch], device=device)
     with torch.no_grad():
         autoencoder.decode(autoencoder.latents_for_diffusion(x))
-    _synchronize(torch.device(device))
+    synchronize(torch.device(device))
 
 
 def denormalize_on_grid(array: np.ndarray, case_json: Mapping[str, Any]) -> np.ndarray:
     """``array`` ``(C, Z, Y, X)`` in normalised units → original intensity units (float64), on the same
     grid: only the normalization step of the preprocessing inverse (the case JSON's ``images`` records)."""
-    from nndiff.preprocessing import normalization as norm
-    from nndiff.preprocessing.layout import stored_channels
+    from nndiff.preprocessing.case import denormalize_channels
 
-    layout = case_json["images"]
-    out = np.zeros(array.shape, dtype=np.float64)
-    for record in layout["normalization"]:
-        for i in stored_channels(record["channel"], bool(layout.get("is_complex"))):
-            if not record.get("missing"):
-                out[i] = norm.denormalize(array[i], record, record.get("image_values"))
-    return out
+    return denormalize_channels(array, case_json["images"])
 
 
 def _ssim_window(shape: Sequence[int]) -> int:

@@ -37,7 +37,7 @@ from nndiff.inference.model_folder import (
 )
 from nndiff.paths import Paths
 from nndiff.planning import resolve_configuration
-from nndiff.training.devices import resolve_device
+from nndiff.training.devices import resolve_device, synchronize
 from nndiff.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)
@@ -79,12 +79,6 @@ def inference_autocast_dtype(precision: str, device: torch.device) -> torch.dtyp
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the queued CUDA work of ``device`` (no-op elsewhere), so wall-clock timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seed_for(seed: int, identifier: str) -> int:

@@ -347,17 +347,25 @@ def _invert_seg(array: np.ndarray, case_json: dict, settings: ResamplingSettings
     return seg.astype(dtype)
 
 
+def denormalize_channels(array: np.ndarray, layout: dict) -> np.ndarray:
+    """Stored channels ``(C, ...)`` in normalised units → original intensity units (float64) on the same
+    grid, by the case's ``images`` layout (its normalization records)."""
+    out = np.zeros(np.shape(array), dtype=np.float64)
+    for record in layout["normalization"]:
+        for i in stored_channels(record["channel"], bool(layout.get("is_complex"))):
+            # a missing channel has no intensities to restore: it stays the zeros it was read as
+            if not record.get("missing"):
+                out[i] = norm.denormalize(np.asarray(array[i], dtype=np.float64), record, record.get("image_values"))
+    return out
+
+
 def _invert_intensities(array: np.ndarray, case_json: dict, layout: dict, settings: ResamplingSettings) -> np.ndarray:
     is_complex = bool(layout["is_complex"])
     expected = layout["num_channels"] * (2 if is_complex else 1)
     if array.shape[0] != expected:
         raise ValueError(f"array has {array.shape[0]} channels; the stored layout has {expected}")
     work = _resample_back(np.asarray(array, dtype=np.float64), case_json, settings, is_seg=False)
-    out = np.empty(work.shape, dtype=np.float64)
-    for record in layout["normalization"]:
-        for i in stored_channels(record["channel"], is_complex):
-            # a missing channel has no intensities to restore: it stays the zeros it was read as
-            out[i] = 0.0 if record.get("missing") else norm.denormalize(work[i], record, record.get("image_values"))
+    out = denormalize_channels(work, layout)
     out = uncrop(out, case_json["bbox"], case_json["shape_before_crop"], layout["background"])
     out = transpose_array(out, case_json["transpose_backward"])
     return from_real_channels(out, is_complex) if is_complex else out.astype(np.float32)

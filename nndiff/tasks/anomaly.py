@@ -366,6 +366,36 @@ class ImageOnlyStore(CaseStore):
                           pad_target=case.pad_target)
 
 
+def classify_fold_cases(trainer: Any, label_folder: Path) -> dict[str, bool]:
+    """The healthy rule on a trainer's fold cases (labels from ``label_folder``), with a log line of
+    how many cases each source decided."""
+    verdicts = healthy_cases_in_folder(label_folder, trainer.case_metadata,
+                                       [*dict.fromkeys([*trainer.train_cases, *trainer.val_cases])],
+                                       metadata_file=str(trainer.preprocessed_dataset_dir / METADATA_FILE))
+    counts = Counter((source, healthy) for healthy, source in verdicts.values())
+    summary = ", ".join(f"{n} {'healthy' if h else 'diseased'} by {s}" for (s, h), n in sorted(counts.items()))
+    trainer.log(f"healthy rule: {summary}")
+    return {case: healthy for case, (healthy, _) in verdicts.items()}
+
+
+def keep_healthy_training_cases(trainer: Any, strategy: str, label_folder: Path) -> dict[str, bool]:
+    """Restrict ``trainer.train_cases`` to the healthy ones (validation keeps all cases); NnDiffError
+    with the fix when there are none. Returns the verdict per fold case."""
+    healthy = classify_fold_cases(trainer, label_folder)
+    all_train = list(trainer.train_cases)
+    trainer.train_cases = require_healthy(healthy, all_train, strategy, f" of fold {trainer.fold} ({label_folder})")
+    trainer.log(f"{strategy}: training on {len(trainer.train_cases)} healthy of {len(all_train)} training "
+                f"cases; validating on all {len(trainer.val_cases)} validation cases")
+    return healthy
+
+
+def use_images_only(trainer: Any) -> None:
+    """Swap in :class:`ImageOnlyStore` and drop ``seg`` from the fixed validation patches."""
+    trainer.store = ImageOnlyStore(trainer.data_folder)
+    for item in trainer.validation_items:
+        item.arrays.pop("seg", None)
+
+
 class _HealthMixin:
     """Shared by the anomaly trainers: the healthy rule on the fold's cases, and image-only data."""
 
@@ -373,21 +403,10 @@ class _HealthMixin:
     healthy: dict[str, bool]
 
     def _classify_health(self) -> dict[str, bool]:
-        trainer: Any = self
-        verdicts = healthy_cases_in_folder(self._label_folder(), trainer.case_metadata,
-                                           [*dict.fromkeys([*trainer.train_cases, *trainer.val_cases])],
-                                           metadata_file=str(trainer.preprocessed_dataset_dir / METADATA_FILE))
-        counts = Counter((source, healthy) for healthy, source in verdicts.values())
-        summary = ", ".join(f"{n} {'healthy' if h else 'diseased'} by {s}" for (s, h), n in sorted(counts.items()))
-        trainer.log(f"healthy rule: {summary}")
-        return {case: healthy for case, (healthy, _) in verdicts.items()}
+        return classify_fold_cases(self, self._label_folder())
 
     def _use_images_only(self) -> None:
-        """Swap in :class:`ImageOnlyStore` and drop ``seg`` from the fixed validation patches."""
-        trainer: Any = self
-        trainer.store = ImageOnlyStore(trainer.data_folder)
-        for item in trainer.validation_items:
-            item.arrays.pop("seg", None)
+        use_images_only(self)
 
     def _label_folder(self) -> Path:
         """The preprocessed pixel folder whose ``seg`` arrays the healthy rule reads (a latent
@@ -401,12 +420,7 @@ class _HealthMixin:
 
     def train_on_healthy_cases(self) -> None:
         """Keep the fold's healthy training cases (validation keeps all cases); log the counts."""
-        trainer: Any = self
-        self.healthy = self._classify_health()
-        all_train = list(trainer.train_cases)
-        trainer.train_cases = require_healthy(self.healthy, all_train, self.strategy, self._where())
-        trainer.log(f"{self.strategy}: training on {len(trainer.train_cases)} healthy of {len(all_train)} training "
-                    f"cases; validating on all {len(trainer.val_cases)} validation cases")
+        self.healthy = keep_healthy_training_cases(self, self.strategy, self._label_folder())
 
     def anomaly_extra(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "class_map": dict(CLASS_MAP)}
@@ -465,18 +479,8 @@ def restrict_autoencoder_to_healthy(trainer: Any) -> None:
     training cases only (Pinaya et al. 2022 train both stages on healthy brains): an autoencoder
     that has learnt lesions lets them through the healthy latent prior more easily. Images only (the
     loader refuses batches mixing cases with and without masks). Called by ``AutoencoderTrainer``."""
-    trainer.store = ImageOnlyStore(trainer.data_folder)
-    for item in trainer.validation_items:
-        item.arrays.pop("seg", None)
-    verdicts = healthy_cases_in_folder(trainer.data_folder, trainer.case_metadata,
-                                       [*dict.fromkeys([*trainer.train_cases, *trainer.val_cases])],
-                                       metadata_file=str(trainer.preprocessed_dataset_dir / METADATA_FILE))
-    healthy = {case: verdict for case, (verdict, _) in verdicts.items()}
-    all_train = list(trainer.train_cases)
-    trainer.train_cases = require_healthy(healthy, all_train, AUTOENCODER_STAGE,
-                                          f" of fold {trainer.fold} ({trainer.data_folder})")
-    trainer.log(f"autoencoder stage of an anomaly-detection dataset: training on {len(trainer.train_cases)} healthy "
-                f"of {len(all_train)} training cases")
+    use_images_only(trainer)
+    keep_healthy_training_cases(trainer, AUTOENCODER_STAGE, Path(trainer.data_folder))
 
 
 @register_trainer

@@ -23,12 +23,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from nndiff.diffusion.config import DiffusionConfig, build_sampler
+from nndiff.diffusion.config import DiffusionConfig
 from nndiff.diffusion.options import Sampler as SamplerName, parse_option
 from nndiff.errors import NnDiffError, PlansError
-from nndiff.inference.predictor import PREDICTION_INFO, SAMPLE_PREFIX, Predictor, synchronize
+from nndiff.inference.predictor import PREDICTION_INFO, SAMPLE_PREFIX, Predictor
 from nndiff.inference.registry import register_predictor
 from nndiff.tasks.generation import ConditionEncoder, resolve_guidance_scale, sample_images
+from nndiff.training.devices import synchronize
 from nndiff.utils.files import load_json, save_json
 
 logger = logging.getLogger(__name__)
@@ -400,9 +401,13 @@ class GenerationPredictor(Predictor):
         return written
 
     # ---- time per sample and peak memory ----------------------------------------------------
+    def latent_shape(self, shape: Sequence[int]) -> list[int] | None:
+        """The latent shape sampled for ``shape`` pixels: None in pixel space (latent predictors override)."""
+        return None
+
     def sampler_settings(self) -> tuple[str, int]:
         """The sampler name and step count the samples were drawn with (overrides, else the plan's)."""
-        sampler = build_sampler(self.diffusion, self.sampler_name, self.num_steps)
+        sampler = self.make_sampler()
         name = self.diffusion.sampler if self.sampler_name is None else parse_option(SamplerName, self.sampler_name,
                                                                                      "sampler")
         return name.value, int(sampler.num_steps)
@@ -415,11 +420,7 @@ class GenerationPredictor(Predictor):
         spent in :meth:`generate` (sampler steps, plus the autoencoder decoder of a latent model).
         """
         sampler, steps = self.sampler_settings()
-        block = self.configuration.get("autoencoder")
-        latent_shape = None
-        if isinstance(block, Mapping):
-            factors = [int(f) for f in block["downsampling_factors"]]
-            latent_shape = [int(math.ceil(int(s) / f)) for s, f in zip(shape, factors)]
+        latent_shape = self.latent_shape(shape)
         memory = peak_memory_gib(self.device)
         info = {
             "predictor": type(self).__name__,

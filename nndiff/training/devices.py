@@ -22,6 +22,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued CUDA work of ``device`` (no-op elsewhere), so wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_precision(setting: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a gradient scaler is needed) for the precision setting.
 
