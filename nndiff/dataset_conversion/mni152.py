@@ -33,8 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +41,10 @@ import numpy as np
 
 from nndiff.dataset.io import ImageProperties
 from nndiff.dataset_conversion.common import check_dataset_id_free, write_case_image
+# TEMPLATE_MAX_VALUE: the template file stores 8-bit values; nilearn divides them by their maximum (255).
+from nndiff.dataset_conversion.lesions import LESION_MODEL, TEMPLATE_MAX_VALUE, insert_lesions
+from nndiff.dataset_conversion.slice_split import (AXES, DEFAULT_LESIONED_FRACTION, SliceSplit,
+                                                   plan_anomaly_split, plan_slice_split)
 from nndiff.diffusion.options import TaskFamily, parse_option
 from nndiff.errors import NnDiffError
 from nndiff.utils.files import atomic_directory, save_json
@@ -49,8 +52,6 @@ from nndiff.utils.files import atomic_directory, save_json
 logger = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("2d_slices", "3d")
-#: Slicing axis name -> axis index in the (Z, Y, X) array (SimpleITK array order).
-AXES: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 2}
 RESOLUTIONS: tuple[int, ...] = (1, 2)
 #: Task families this converter can write (the others need data the template does not have).
 SUPPORTED_TASKS: tuple[TaskFamily, ...] = (TaskFamily.GENERATION, TaskFamily.SEGMENTATION,
@@ -70,31 +71,12 @@ RECONSTRUCTION_BLOCK: dict[str, Any] = {"operator": "mri_cartesian", "accelerati
 FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".png", ".npz")
 #: Tissue classes of the segmentation mode (label value -> name in dataset.json order).
 TISSUE_LABELS: dict[str, int] = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
-#: The template file stores 8-bit values; nilearn divides them by their maximum (255).
-TEMPLATE_MAX_VALUE = 255.0
-#: Fewest slabs (subjects) we aim for, so 5-fold cross-validation grouped by subject works.
-MIN_SLABS = 5
 #: Default slab thickness (slices) of a 3D case: deep enough for a 3D patch to see anatomy in
 #: depth (32 mm at 2 mm); 3D mode therefore gives fewer than MIN_SLABS cases at 2 mm.
 DEFAULT_3D_SLAB_SIZE = 16
 CONVERSION_RECORD = "mni152_conversion.json"
 #: Labels of the anomaly-detection task.
 LESION_LABELS: dict[str, int] = {"background": 0, "lesion": 1}
-#: Synthetic lesion model of the anomaly-detection task (:func:`insert_lesions`), also written to
-#: the conversion record. Blob = ellipse in the slice plane (the 2D section of an ellipsoid).
-LESION_MODEL: dict[str, Any] = {
-    "blobs_per_slice": [1, 3],        # uniform integer, inclusive
-    "semi_axis_mm": [3.0, 10.0],      # each of the two semi-axes uniform in this range; angle uniform
-    "contrast_of_wm": [0.3, 0.6],     # |change| = fraction (uniform) x template WM intensity
-    "sign": "one per slice: hyper- (+) or hypointense (-) with probability 1/2",
-    "edge_sigma_mm": 1.0,             # Gaussian smoothing of the blob's indicator (soft edge)
-    "edge_cutoff": 0.05,              # smoothed weight below this is set to 0: change = mask exactly
-    "brain_margin_sigmas": 2.0,       # centre at least max semi-axis + 2 sigma inside the brain mask
-    "wm_probability": 0.9,            # WM intensity = median T1 where P(WM) > this
-    "clip": [0.0, TEMPLATE_MAX_VALUE],  # the result stays in the 8-bit range (bright WM lesions saturate)
-}
-#: Default share of the kept slices that forms the lesioned training slab (anomaly detection).
-DEFAULT_LESIONED_FRACTION = 0.15
 #: Default share of the held-out slices that get lesions (anomaly detection).
 DEFAULT_TEST_LESION_FRACTION = 0.5
 # NIfTI stores RAS world coordinates, ITK/SimpleITK LPS: x and y change sign.
@@ -115,62 +97,6 @@ class Mni152Volumes:
     brain: np.ndarray
     properties: ImageProperties
     sources: dict[str, str]
-
-
-@dataclass(frozen=True)
-class SliceSplit:
-    """Slice indices (along the slicing axis) of each part of the dataset.
-
-    ``train_slabs`` lists the training slices grouped into slabs (one subject each); ``gap`` holds
-    the slices dropped between training and held-out; ``skipped`` the slices with too little brain.
-    """
-
-    axis: str
-    train_slabs: list[list[int]]
-    heldout: list[int]
-    gap: list[int]
-    skipped: list[int]
-    #: Anomaly detection only: training slabs whose slices all get synthetic lesions (``train_slabs``
-    #: then holds the healthy training slices).
-    lesioned_slabs: list[list[int]] = field(default_factory=list)
-
-    @property
-    def train(self) -> list[int]:
-        """All healthy (or, outside anomaly detection, all) training slice indices, ascending."""
-        return sorted(i for slab in self.train_slabs for i in slab)
-
-    @property
-    def lesioned(self) -> list[int]:
-        """Lesioned training slice indices, ascending (empty outside anomaly detection)."""
-        return sorted(i for slab in self.lesioned_slabs for i in slab)
-
-    def min_distance(self) -> int | None:
-        """Smallest |training - heldout| slice distance over all training slices (None without
-        held-out slices)."""
-        return _min_distance(self.train + self.lesioned, self.heldout)
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON description written to ``mni152_conversion.json``."""
-        record = {
-            "axis": self.axis,
-            "train_slabs": self.train_slabs,
-            "heldout": self.heldout,
-            "gap": self.gap,
-            "skipped_little_brain": self.skipped,
-            "min_train_heldout_distance": self.min_distance(),
-        }
-        if self.lesioned_slabs:
-            record["lesioned_slabs"] = self.lesioned_slabs
-            record["min_lesioned_heldout_distance"] = _min_distance(self.lesioned, self.heldout)
-            record["min_healthy_lesioned_distance"] = _min_distance(self.train, self.lesioned)
-        return record
-
-
-def _min_distance(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Smallest |a_i - b_j| (None when either is empty)."""
-    if not len(a) or not len(b):
-        return None
-    return int(np.min(np.abs(np.asarray(a)[:, None] - np.asarray(b)[None, :])))
 
 
 # --------------------------------------------------------------------------- loading
@@ -281,74 +207,6 @@ def wm_intensity(vol: Mni152Volumes) -> float:
     return float(np.median(vol.t1[vol.wm > LESION_MODEL["wm_probability"]]))
 
 
-def _ellipse(shape: tuple[int, int], spacing: tuple[float, float], centre: tuple[int, int],
-             semi_axes: tuple[float, float], angle: float) -> np.ndarray:
-    """Boolean ellipse (in mm, rotated by ``angle`` radians) on a 2D grid of ``spacing`` mm."""
-    rows = (np.arange(shape[0]) - centre[0])[:, None] * spacing[0]
-    cols = (np.arange(shape[1]) - centre[1])[None, :] * spacing[1]
-    u = cols * math.cos(angle) + rows * math.sin(angle)
-    v = -cols * math.sin(angle) + rows * math.cos(angle)
-    return (u / semi_axes[0]) ** 2 + (v / semi_axes[1]) ** 2 <= 1.0
-
-
-def _blob_centre(depth_mm: np.ndarray, semi_axes: tuple[float, float], margin_mm: float,
-                 rng: np.random.Generator) -> tuple[tuple[int, int], tuple[float, float]]:
-    """A random centre deep enough in the brain for the blob and its soft edge.
-
-    Where no voxel is deep enough (a small brain section), the deepest voxel is taken and the
-    semi-axes shrink to fit; the brain mask still bounds the change (:func:`insert_lesions`).
-    """
-    needed = max(semi_axes) + margin_mm
-    candidates = np.argwhere(depth_mm >= needed)
-    if len(candidates):
-        row, col = candidates[rng.integers(len(candidates))]
-        return (int(row), int(col)), semi_axes
-    row, col = np.unravel_index(int(np.argmax(depth_mm)), depth_mm.shape)
-    scale = max(float(depth_mm[row, col]) - margin_mm, 1e-3) / max(semi_axes)
-    return (int(row), int(col)), (semi_axes[0] * scale, semi_axes[1] * scale)
-
-
-def insert_lesions(image: np.ndarray, brain: np.ndarray, spacing: tuple[float, float], wm_value: float,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Add 1-3 soft-edged elliptical blobs to a 2D slice; returns (image, mask, blob descriptions).
-
-    Lesion model (``LESION_MODEL``): per slice one sign (hyper/hypo), per blob semi-axes 3-10 mm,
-    a random angle, a centre at least max semi-axis + 2 sigma inside the brain mask, and a change
-    of sign * c * ``wm_value`` with c in 0.3-0.6, weighted by the blob's indicator smoothed with a
-    Gaussian of sigma 1 mm; weights below 0.05 are cut to 0 and the weight is 0 outside the brain,
-    so the mask (weight > 0, any blob) is exactly where the image changes. Overlapping blobs add.
-    The result is clipped to 0..255. ``image``/``brain`` are (rows, cols); ``spacing`` in mm.
-    """
-    from scipy import ndimage  # noqa: PLC0415  (only this task needs it)
-
-    model = LESION_MODEL
-    image = np.asarray(image, dtype=np.float32)
-    brain = np.asarray(brain, dtype=bool)
-    if not brain.any():
-        raise NnDiffError("cannot place a lesion on a slice without brain; the slice split keeps only "
-                          "slices with brain, so this is a bug in the caller")
-    depth_mm = ndimage.distance_transform_edt(brain, sampling=spacing)
-    sigma_mm = float(model["edge_sigma_mm"])
-    margin_mm = float(model["brain_margin_sigmas"]) * sigma_mm
-    sign = 1.0 if rng.random() < 0.5 else -1.0
-    change = np.zeros(image.shape, np.float64)
-    mask = np.zeros(image.shape, bool)
-    blobs: list[dict[str, Any]] = []
-    for _ in range(int(rng.integers(model["blobs_per_slice"][0], model["blobs_per_slice"][1] + 1))):
-        semi = (float(rng.uniform(*model["semi_axis_mm"])), float(rng.uniform(*model["semi_axis_mm"])))
-        angle = float(rng.uniform(0.0, math.pi))
-        contrast = float(rng.uniform(*model["contrast_of_wm"]))
-        centre, semi = _blob_centre(depth_mm, semi, margin_mm, rng)
-        indicator = _ellipse(image.shape, spacing, centre, semi, angle).astype(np.float64)
-        weight = ndimage.gaussian_filter(indicator, sigma=[sigma_mm / s for s in spacing], mode="constant")
-        weight = np.where((weight >= model["edge_cutoff"]) & brain, weight, 0.0)
-        change += sign * contrast * wm_value * weight
-        mask |= weight > 0
-        blobs.append({"centre_row_col": list(centre), "semi_axes_mm": [round(a, 3) for a in semi],
-                      "angle_deg": round(math.degrees(angle), 2), "contrast": round(sign * contrast, 4)})
-    lesioned = np.clip(image + change, *model["clip"]).astype(np.float32)
-    return lesioned, mask.astype(np.uint8), blobs
-
 
 def _lesioned_test_slices(heldout: Sequence[int], fraction: float, seed: int) -> list[int]:
     """``round(fraction * n)`` held-out slices drawn at random (seeded): they get lesions."""
@@ -358,139 +216,6 @@ def _lesioned_test_slices(heldout: Sequence[int], fraction: float, seed: int) ->
     count = min(len(heldout) - 1, max(1, int(round(fraction * len(heldout)))))
     chosen = np.random.default_rng([seed, 1]).choice(len(heldout), size=count, replace=False)
     return sorted(int(heldout[i]) for i in chosen)
-
-
-# --------------------------------------------------------------------------- slice split
-
-
-def brain_fraction_per_slice(brain: np.ndarray, axis: int) -> np.ndarray:
-    """Fraction of each slice (along ``axis``) inside the brain mask."""
-    other = tuple(a for a in range(brain.ndim) if a != axis)
-    return brain.mean(axis=other)
-
-
-def _kept_range(fraction: np.ndarray, min_brain_fraction: float) -> tuple[int, int]:
-    """First and last slice whose brain area is at least ``min_brain_fraction`` of the largest.
-
-    Relative to the largest slice so the rule does not depend on how much empty field of view
-    surrounds the head. The brain is one connected body, so the kept slices are contiguous.
-    """
-    keep = np.flatnonzero(fraction >= min_brain_fraction * float(fraction.max()))
-    return int(keep[0]), int(keep[-1])
-
-
-def _chunks(indices: list[int], slab_size: int) -> list[list[int]]:
-    """Split a contiguous run into nearly equal slabs of at most ``slab_size`` slices."""
-    if not indices:
-        return []
-    n = math.ceil(len(indices) / slab_size)
-    return [part.tolist() for part in np.array_split(np.asarray(indices), n)]
-
-
-def _slab_size(num_train: int, gap: int, slab_size: int | None) -> int:
-    """Explicit ``slab_size``, else ``gap`` slices, reduced until there are ``MIN_SLABS`` slabs."""
-    if slab_size is not None:
-        if slab_size < 1:
-            raise NnDiffError(f"slab_size must be at least 1, got {slab_size}")
-        return slab_size
-    size = max(1, gap)
-    if num_train >= MIN_SLABS:
-        # ceil division: the two runs around a centred held-out slab may add one slab each.
-        size = min(size, max(1, num_train // MIN_SLABS))
-    return size
-
-
-def plan_slice_split(brain: np.ndarray, axis: str = "axial", gap: int = 10, heldout_fraction: float = 0.2,
-                     min_brain_fraction: float = 0.1, heldout_position: str = "center",
-                     slab_size: int | None = None) -> SliceSplit:
-    """Decide which slices are training, held-out, gap and skipped.
-
-    Slices with less brain than ``min_brain_fraction`` of the largest slice's brain area are
-    skipped. Of the rest, ``round(heldout_fraction * n)`` contiguous slices are held out, in the
-    middle of the brain (``heldout_position="center"``: the most representative anatomy; costs two
-    gaps) or at its upper end along the axis (``"end"``: one gap). ``gap`` slices on each side of
-    the held-out slab are dropped. Training slices are cut into slabs of ``slab_size`` slices
-    (default ``gap``, smaller when that would give fewer than ``MIN_SLABS`` slabs).
-    """
-    axis_index = AXES[parse_axis(axis)]
-    if gap < 0:
-        raise NnDiffError(f"gap must be >= 0 slices, got {gap}")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise NnDiffError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if heldout_position not in ("center", "end"):
-        raise NnDiffError(f"heldout_position must be 'center' or 'end', got {heldout_position!r}")
-    fraction = brain_fraction_per_slice(brain, axis_index)
-    lo, hi = _kept_range(fraction, min_brain_fraction)
-    kept = list(range(lo, hi + 1))
-    skipped = [i for i in range(len(fraction)) if i < lo or i > hi]
-    num_heldout = int(round(heldout_fraction * len(kept))) if heldout_fraction > 0 else 0
-    if heldout_fraction > 0:
-        num_heldout = max(1, num_heldout)
-    start = lo + (len(kept) - num_heldout) // 2 if heldout_position == "center" else hi + 1 - num_heldout
-    heldout = list(range(start, start + num_heldout))
-    gap_slices: list[int] = []
-    if heldout:
-        gap_slices = [i for i in kept if 0 < heldout[0] - i <= gap or 0 < i - heldout[-1] <= gap]
-    excluded = set(heldout) | set(gap_slices)
-    below = [i for i in kept if i < start and i not in excluded]
-    above = [i for i in kept if i >= start + num_heldout and i not in excluded]
-    num_train = len(below) + len(above)
-    if num_train == 0:
-        raise NnDiffError(
-            f"no training slices left: {len(kept)} slices hold brain, {num_heldout} are held out and "
-            f"{len(gap_slices)} form the gap. Fix: lower --gap or --heldout_fraction, or use resolution 1"
-        )
-    size = _slab_size(num_train, gap, slab_size)
-    return SliceSplit(axis=parse_axis(axis), train_slabs=_chunks(below, size) + _chunks(above, size),
-                      heldout=heldout, gap=gap_slices, skipped=skipped)
-
-
-def plan_anomaly_split(brain: np.ndarray, axis: str = "axial", gap: int = 10, heldout_fraction: float = 0.2,
-                       lesioned_fraction: float = DEFAULT_LESIONED_FRACTION, min_brain_fraction: float = 0.1,
-                       heldout_position: str = "center", slab_size: int | None = None) -> SliceSplit:
-    """:func:`plan_slice_split` plus a lesioned training slab, ``gap`` slices away from both others.
-
-    Of the two training runs beside the held-out slab, the longer one (the upper one on a tie)
-    gives its ``round(lesioned_fraction * kept)`` slices next to the held-out gap to the lesioned
-    slab (close to the test anatomy), then ``gap`` more slices are dropped before its healthy
-    remainder. Layout with a centred held-out slab: healthy | gap | held-out | gap | lesioned |
-    gap | healthy. Healthy and lesioned slices are cut into slabs (subjects) of the same size.
-    """
-    if not 0.0 < heldout_fraction < 1.0:
-        raise NnDiffError(f"task anomaly_detection needs held-out slices (the lesioned test slab), got "
-                          f"heldout_fraction {heldout_fraction}. Fix: pass --heldout_fraction in (0, 1), e.g. 0.2")
-    if not 0.0 < lesioned_fraction < 1.0:
-        raise NnDiffError(f"lesioned_fraction must be in (0, 1), got {lesioned_fraction}")
-    base = plan_slice_split(brain, axis, gap, heldout_fraction, min_brain_fraction, heldout_position, slab_size)
-    num_kept = len(base.train) + len(base.heldout) + len(base.gap)
-    num_lesioned = max(1, int(round(lesioned_fraction * num_kept)))
-    below = [i for i in base.train if i < base.heldout[0]]
-    above = [i for i in base.train if i > base.heldout[-1]]
-    # Walk the chosen run away from the held-out slab: lesioned first, then the new gap.
-    take_above = len(above) >= len(below)
-    run = above if take_above else below[::-1]
-    lesioned = sorted(run[:num_lesioned])
-    new_gap = run[num_lesioned:num_lesioned + gap]
-    rest = sorted(run[num_lesioned + gap:])
-    healthy_runs = [below, rest] if take_above else [rest, above]
-    num_healthy = sum(len(r) for r in healthy_runs)
-    if len(lesioned) < num_lesioned or num_healthy == 0:
-        raise NnDiffError(
-            f"no room for a lesioned slab of {num_lesioned} slices, its gap of {gap} and healthy training "
-            f"slices: {len(base.train)} training slices remain beside the held-out slab. Fix: lower "
-            "--lesioned_fraction, --heldout_fraction or --gap (at least 10 keeps slabs independent), "
-            "or use --resolution 1")
-    size = _slab_size(num_healthy, gap, slab_size)
-    return SliceSplit(axis=base.axis, train_slabs=[c for r in healthy_runs for c in _chunks(r, size)],
-                      heldout=base.heldout, gap=sorted(base.gap + new_gap), skipped=base.skipped,
-                      lesioned_slabs=_chunks(lesioned, size))
-
-
-def parse_axis(axis: str) -> str:
-    """Validate the slicing axis name."""
-    if axis not in AXES:
-        raise NnDiffError(f"unknown axis {axis!r}; use one of {list(AXES)}")
-    return axis
 
 
 # --------------------------------------------------------------------------- geometry of parts
