@@ -197,7 +197,7 @@ def encode_volume(autoencoder: nn.Module, x: torch.Tensor, factors: Sequence[int
     N × voxels ≤ ``max_voxels``, else per sample in sliding windows of ``latent_window`` latents."""
     if x.shape[0] * math.prod(x.shape[2:]) <= max_voxels:
         return autoencoder.latents_for_diffusion(x).float()
-    from nndiff.networks.autoencoder import sliding_window_encode
+    from nndiff.networks.autoencoder_windows import sliding_window_encode
 
     pixel_window = [w * f for w, f in zip(latent_window, factors)]
     return torch.cat([sliding_window_encode(autoencoder, x[i:i + 1], pixel_window, 0.5, factors)[0].float()
@@ -211,7 +211,7 @@ def decode_latents(autoencoder: nn.Module, z: torch.Tensor, factors: Sequence[in
     out_voxels = z.shape[0] * math.prod(s * f for s, f in zip(z.shape[2:], factors))
     if out_voxels <= max_voxels:
         return autoencoder.decode(z).float()
-    from nndiff.networks.autoencoder import sliding_window_decode
+    from nndiff.networks.autoencoder_windows import sliding_window_decode
 
     return torch.cat([sliding_window_decode(autoencoder, z[i:i + 1], latent_window, 0.5, factors).float()
                       for i in range(z.shape[0])])

@@ -9,8 +9,8 @@ import torch
 
 from nndiff.errors import NnDiffError, PlansError
 from nndiff.networks.autoencoder import (AutoencoderKL, AutoencoderVQ, build_autoencoder, kl_divergence,
-                                         measure_scale_factor, parse_autoencoder_config, receptive_radius,
-                                         sliding_window_decode, sliding_window_encode, weights_sha256)
+                                         measure_scale_factor, parse_autoencoder_config, weights_sha256)
+from nndiff.networks.autoencoder_windows import receptive_radius, sliding_window_decode, sliding_window_encode
 from nndiff.networks.layers import ZERO_INIT_ATTR
 
 #: Narrow networks: the default 32 base channels are for GPUs.

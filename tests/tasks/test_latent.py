@@ -138,7 +138,7 @@ def test_sliding_window_encode_used_above_max_decode_voxels(monkeypatch):
              "norm_groups": 4, "patch_size": [16, 16], "in_channels": 1}
     ae = build_autoencoder(network_block(block), 1, 2).eval()
     calls = []
-    import nndiff.networks.autoencoder as ae_module
+    import nndiff.networks.autoencoder_windows as ae_module
     original = ae_module.sliding_window_encode
     monkeypatch.setattr(ae_module, "sliding_window_encode",
                         lambda *a, **k: calls.append(a[2]) or original(*a, **k))
