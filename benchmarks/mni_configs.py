@@ -2,7 +2,6 @@
 
     python benchmarks/mni_configs.py PREPROCESSED_DIR gpu    # 2d_gpu (and 3d_latent_gpu)
     python benchmarks/mni_configs.py PREPROCESSED_DIR tiny   # 2d_tiny / 3d_latent_tiny: CPU dry run
-    python benchmarks/mni_configs.py PREPROCESSED_DIR cpu    # 2d_cpu: a small model trained on a CPU
 
 Every ``Dataset*/nnDiffPlans.json`` under PREPROCESSED_DIR gets, beside its planned ``2d``
 configuration, one that ``inherits_from`` it (documentation/benchmarks.md says why each key):
@@ -11,9 +10,6 @@ configuration, one that ``inherits_from`` it (documentation/benchmarks.md says w
   epochs (sessions 3-4); the planned network and patch.
 - ``2d_tiny``: a 16-channel two-level UNet, batch 4, 2 epochs of 5 iterations: the whole pipeline
   (train, predict, evaluate) in about a minute on a CPU, to find crashes before device time is spent.
-- ``2d_cpu``: a 32-channel three-level UNet without attention, batch 8, the planned patch: a
-  preliminary quality check that a two-core CPU trains in tens of minutes (2 mm slices), while no
-  GPU is to be had. Its numbers are not the GPU acceptance runs.
 
 A dataset planned with ``3d_latent`` also gets ``3d_latent_gpu`` (its planned sizes, the same
 learning-rate schedule, an autoencoder stage of 3 epochs) or ``3d_latent_tiny`` (an 8-channel autoencoder on 16×32×32 patches, a tiny
@@ -29,10 +25,6 @@ GPU_TRAINING = {"initial_lr": 2e-4, "warmup_iterations": 500, "progress_every_ep
 GPU_AUTOENCODER_EPOCHS = 3
 TINY_NETWORK = {"model_channels": 16, "channel_mult": [1, 2], "strides": None, "num_res_blocks": 1,
                 "attention_levels": [], "num_head_channels": 16, "norm_groups": 8, "dropout": 0.0}
-CPU_NETWORK = {"model_channels": 32, "channel_mult": [1, 2, 2], "strides": [[2, 2], [2, 2]], "num_res_blocks": 1,
-               "attention_levels": [], "num_head_channels": 32, "norm_groups": 8, "dropout": 0.0}
-CPU_TRAINING = {"initial_lr": 2e-4, "warmup_iterations": 200, "num_iterations_per_epoch": 100, "num_epochs": 1000,
-                "num_val_cases": 4, "progress_every_epochs": 5}
 TINY_TRAINING = {"num_iterations_per_epoch": 5, "num_epochs": 2, "num_val_cases": 2, "warmup_iterations": 2,
                  "progress_every_epochs": 1}
 
@@ -47,14 +39,11 @@ def added_configurations(plans: dict, scale: str) -> dict[str, dict]:
     if "2d" in configs:
         if scale == "gpu":
             added["2d_gpu"] = {"inherits_from": "2d", "batch_size": 16, "training": dict(GPU_TRAINING)}
-        elif scale == "cpu":
-            added["2d_cpu"] = {"inherits_from": "2d", "batch_size": 8, "network": dict(CPU_NETWORK),
-                               "training": dict(CPU_TRAINING)}
         else:
             added["2d_tiny"] = {"inherits_from": "2d", "batch_size": 4, "patch_size": [64, 64],
                                 "network": tiny_network(2), "diffusion": {"num_sampling_steps": 4},
                                 "training": dict(TINY_TRAINING)}
-    if "3d_latent" in configs and scale != "cpu":
+    if "3d_latent" in configs:
         if scale == "gpu":
             # The planned autoencoder stage (100 epochs) would take the whole session: 3 epochs (750
             # iterations on the one training volume) leave the latent model >= 15 minutes in 2-3 calls.
@@ -75,7 +64,7 @@ def added_configurations(plans: dict, scale: str) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] not in ("gpu", "tiny", "cpu"):
+    if len(argv) != 2 or argv[1] not in ("gpu", "tiny"):
         print(__doc__)
         return 2
     root = Path(argv[0])

@@ -56,18 +56,6 @@ def test_mni_configs_resolve_and_build(plans, scale):
         assert latent["max_decode_voxels"] >= 100 * 184 * 148  # the MNI152 1 mm volume in one pass
 
 
-def test_mni_configs_cpu_scale_adds_a_small_2d_model(plans):
-    mni = _load("mni_configs")
-    added = mni.added_configurations(plans, "cpu")
-    assert set(added) == {"2d_cpu"}  # no 3D latent model is trained on a CPU
-    full = {**plans, "configurations": {**plans["configurations"], **added}}
-    config = resolve_configuration(full, "2d_cpu")
-    assert config["patch_size"] == resolve_configuration(full, "2d")["patch_size"]
-    assert config["network"]["model_channels"] == 32 and not config["network"]["attention_levels"]
-    network = build_network(config["network"], seed=0)
-    assert sum(p.numel() for p in network.parameters()) < 5_000_000
-
-
 def test_gpu_session_script_parses_and_prints_its_usage():
     script = BENCHMARKS / "mni_gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
