@@ -11,7 +11,8 @@
 # segmentation), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
 # .device_carry and .whl and begins with `bash benchmarks/mni_gpu_session.sh setup`, which is quick
 # (~10 s) and skips what the warm machine already has. Work goes to .device_work/ (ignored; kept
-# between calls while the machine stays warm), results and logs to $OUT (or ./kit_out).
+# between calls while the machine stays warm), results and logs to $OUT (or ./kit_out), packed at the end of
+# each step into one archive $OUT/<step>_<groups>.tgz (the device tool returns at most 8 files).
 # SCALE=tiny DEVICE=cpu runs the same steps with the 2d_tiny / 3d_latent_tiny configurations: the
 # CPU dry run that finds crashes before device time is spent.
 set -euo pipefail
@@ -114,7 +115,7 @@ under() {  # seconds name command...: one evaluation step with its own limit, lo
     local seconds=$1 name=$2; shift 2
     log "start $name"
     if timeout "$seconds" "$@" > "$WORK/logs/$name.log" 2>&1; then log "done $name"; else log "FAILED/TIMEOUT $name (log: $name.log)"; fi
-    tail -3 "$WORK/logs/$name.log" || true
+    tail -n 8 "$WORK/logs/$name.log" || true
 }
 
 evaluate_5() {
@@ -207,6 +208,15 @@ collect() {  # logs, progress plots and summaries of every model into $OUT (smal
     done
 }
 
+pack_out() {  # the device tool returns at most 8 files, 2 folders down: everything under $OUT goes into one archive
+    local name=$1 tmp
+    tmp=$(mktemp -d)
+    tar czf "$tmp/$name.tgz" -C "$OUT" --exclude='./*.tgz' .  # earlier steps' archives of this call stay beside it
+    find "$OUT" -mindepth 1 -maxdepth 1 ! -name '*.tgz' -exec rm -rf {} +
+    mv "$tmp/$name.tgz" "$OUT/"; rmdir "$tmp"
+    log "results packed: $OUT/$name.tgz ($(du -h "$OUT/$name.tgz" | cut -f1))"
+}
+
 throughput() {
     python3 "$ROOT/benchmarks/train_throughput.py" --device "$DEVICE" --precisions bf16,fp32 --parallel_compile \
         --output "$OUT/throughput"
@@ -216,8 +226,8 @@ step=${1:-}
 case "$step" in
     prepare) prepare ;;
     setup) setup ;;
-    train) setup; train "${2:?GROUPS}" "${3:?SECONDS}" ;;
-    evaluate) setup; evaluate "${2:?GROUPS}" "${3:?SECONDS}" ;;
-    throughput) setup; throughput ;;
+    train) setup; status=0; train "${2:?GROUPS}" "${3:?SECONDS}" || status=$?; pack_out "train_${2//,/_}"; exit $status ;;
+    evaluate) setup; evaluate "${2:?GROUPS}" "${3:?SECONDS}"; pack_out "evaluate_${2//,/_}" ;;
+    throughput) setup; status=0; throughput || status=$?; pack_out throughput; exit $status ;;
     *) sed -n '2,17p' "$0"; exit 2 ;;
 esac
