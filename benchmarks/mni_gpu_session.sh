@@ -134,7 +134,10 @@ evaluate_5() {
 }
 
 evaluate_6() {
-    local s=$1 raw14 raw15 calib=$WORK/calib14
+    local s=$1 raw14 raw15 calib=$WORK/calib14 steps=()
+    # The plan's DDPM has 1000 steps (AnoDDPM then takes 500 per window, 9 windows of 128² per 1 mm slice,
+    # 70 slices with calibration): 100 respaced steps fit the call; the threshold is calibrated with the same.
+    [ "$SCALE" = gpu ] && steps=(--steps "${ANOMALY_STEPS:-100}")
     raw14=$(ls -d "$nnDiff_raw"/Dataset014_*); raw15=$(ls -d "$nnDiff_raw"/Dataset015_*)
     # Threshold calibration on fold 1's validation cases (7 lesioned + 9 healthy), never on imagesTs.
     rm -rf "$calib"; mkdir -p "$calib/imagesTr" "$calib/labelsTr"
@@ -151,7 +154,7 @@ EOF
         [ "$strategy" = cdpm ] && trainer=AnomalyCDPMTrainer
         [ "$strategy" = wolleb ] && trainer=AnomalyCDPMTrainer  # guides the all-cases (CDPM null-token) model
         under "$s" "anomaly_$strategy" bash -c "$(printf '%q ' "${PREDICT[@]}") -d 14 -c $CFG2 -tr $trainer -f 1 \
-            -i $raw14/imagesTs -o $OUT/anomaly_$strategy --anomaly_strategy $strategy -device $DEVICE \
+            -i $raw14/imagesTs -o $OUT/anomaly_$strategy --anomaly_strategy $strategy -device $DEVICE ${steps[*]:-} \
             --calibrate_threshold $calib/imagesTr $calib/labelsTr && $(printf '%q ' "${EVALUATE[@]}") \
             $raw14/labelsTs $OUT/anomaly_$strategy -d 14 --images $raw14/imagesTs --training $raw14/imagesTr" &
     done
