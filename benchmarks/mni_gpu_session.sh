@@ -153,15 +153,15 @@ EOF
         local trainer=AnomalyDDPMTrainer
         [ "$strategy" = cdpm ] && trainer=AnomalyCDPMTrainer
         [ "$strategy" = wolleb ] && trainer=AnomalyCDPMTrainer  # guides the all-cases (CDPM null-token) model
-        under "$s" "anomaly_$strategy" bash -c "$(printf '%q ' "${PREDICT[@]}") -d 14 -c $CFG2 -tr $trainer -f 1 \
+        under "$s" "anomaly_$strategy" bash -c "$(printf '%q ' "${PREDICT[@]}") -d 14 -c $CFG2 -tr $trainer -f 1 -chk checkpoint_latest.pth \
             -i $raw14/imagesTs -o $OUT/anomaly_$strategy --anomaly_strategy $strategy -device $DEVICE ${steps[*]:-} \
             --calibrate_threshold $calib/imagesTr $calib/labelsTr && $(printf '%q ' "${EVALUATE[@]}") \
             $raw14/labelsTs $OUT/anomaly_$strategy -d 14 --images $raw14/imagesTs --training $raw14/imagesTr" &
     done
     under "$s" seg_diffusion bash -c "$(printf '%q ' "${PREDICT[@]}") -d 15 -c $CFG2 -tr SegmentationDiffusionTrainer \
-        -f 0 -i $raw15/imagesTs -o $OUT/seg_diffusion -device $DEVICE" &
+        -f 0 -chk checkpoint_latest.pth -i $raw15/imagesTs -o $OUT/seg_diffusion -device $DEVICE" &
     under "$s" seg_baseline bash -c "$(printf '%q ' "${PREDICT[@]}") -d 15 -c $CFG2 -tr SegmentationBaselineTrainer \
-        -f 0 -i $raw15/imagesTs -o $OUT/seg_baseline -device $DEVICE" &
+        -f 0 -chk checkpoint_latest.pth -i $raw15/imagesTs -o $OUT/seg_baseline -device $DEVICE" &
     wait
     under 300 seg_evaluate "${EVALUATE[@]}" "$raw15/labelsTs" "$OUT/seg_diffusion" -d 15 --baseline "$OUT/seg_baseline"
 }
