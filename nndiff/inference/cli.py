@@ -182,7 +182,8 @@ def add_anomaly_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="F",
                        help="t_lambda as a fraction of the noise schedule, in (0, 1] (default: the plan's)")
     group.add_argument("--classifier_dir", default=None, metavar="DIR",
-                       help="wolleb: the AnomalyClassifierTrainer model folder (default: the one next to the model)")
+                       help="wolleb: the AnomalyClassifierTrainer model folder (default: the one next to the model); its "
+                            "checkpoint is the -chk file name, like the diffusion model's")
     group.add_argument("--classifier_scale", type=bounded_number(float, 0.0), default=None, metavar="S",
                        help="wolleb: classifier guidance scale >= 0 (default: the plan's)")
     group.add_argument("--threshold", type=bounded_number(float, -math.inf), default=None, metavar="T",

@@ -245,6 +245,12 @@ def load_classifier(folder: str | Path, plans: dict, configuration: str, folds: 
     networks = []
     for fold_dir in fold_dirs(folder, folds):
         path = fold_dir / checkpoint
+        if not path.is_file():
+            present = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
+            raise NnDiffError(f"noisy classifier checkpoint {path} does not exist (that fold holds: "
+                              f"{', '.join(present) or 'no checkpoints'}). Fix: predict with -chk naming a checkpoint "
+                              "both the diffusion and the classifier folders hold (every training writes "
+                              "checkpoint_latest.pth), or pass classifier_checkpoint=")
         weights, state = checked_weights(path, plans, configuration, use_ema=True, map_location="cpu")
         block = ((state.get("extra") or {}).get("anomaly") or {}).get("classifier")
         if block is None:
@@ -310,8 +316,9 @@ class AnomalyPredictor(Predictor):
     ``strategy``, ``start_fraction`` (t_λ as a fraction of the schedule), ``smoothing_sigma`` (voxels),
     ``num_reconstructions`` (stochastic reconstructions averaged into the map), ``top_fraction``
     (case score), ``threshold`` (overrides the stored one), ``classifier`` (a module) or
-    ``classifier_dir`` (model folder) and ``classifier_scale`` for ``wolleb``, ``guidance_scale`` for
-    ``cdpm``, ``inversion`` (``explicit`` DDIM encoding as in the papers, or ``fixed_point``).
+    ``classifier_dir`` (model folder), ``classifier_checkpoint`` (file name in its fold folders; default: the
+    one the diffusion model was loaded from, so ``-chk`` applies to both) and ``classifier_scale`` for
+    ``wolleb``, ``guidance_scale`` for ``cdpm``, ``inversion`` (``explicit`` DDIM encoding as in the papers, or ``fixed_point``).
     """
 
     output_kind = "data"
@@ -320,7 +327,7 @@ class AnomalyPredictor(Predictor):
                  smoothing_sigma: float | None = None, num_reconstructions: int | None = None,
                  top_fraction: float | None = None, threshold: float | None = None,
                  classifier: nn.Module | None = None, classifier_dir: str | Path | None = None,
-                 classifier_scale: float | None = None, guidance_scale: float | None = None,
+                 classifier_checkpoint: str | None = None, classifier_scale: float | None = None, guidance_scale: float | None = None,
                  inversion: str = "explicit", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         from nndiff.tasks.anomaly import anomaly_settings
@@ -356,7 +363,7 @@ class AnomalyPredictor(Predictor):
         self.healthy_class = self._healthy_class()
         self.classifier = classifier
         if self.strategy in CLASSIFIER_STRATEGIES and self.classifier is None:
-            self.classifier = self._load_classifier(classifier_dir)
+            self.classifier = self._load_classifier(classifier_dir, classifier_checkpoint)
         if self.classifier is not None:
             self.classifier = self.classifier.to(self.device).eval()
         self.case_scores: dict[str, float] = {}
@@ -397,7 +404,13 @@ class AnomalyPredictor(Predictor):
                     return values.index("true")
         return 0
 
-    def _load_classifier(self, classifier_dir: str | Path | None) -> nn.Module:
+    def _classifier_checkpoint_name(self) -> str:
+        """The diffusion model's checkpoint file name (e.g. ``checkpoint_latest.pth`` after a time-limited
+        training, which writes no ``checkpoint_final.pth``), else the default."""
+        loaded = self.model_info.get("checkpoints") or []
+        return Path(loaded[0]).name if loaded else DEFAULT_CHECKPOINT
+
+    def _load_classifier(self, classifier_dir: str | Path | None, checkpoint: str | None = None) -> nn.Module:
         model_dir = self.model_info.get("model_dir")
         if classifier_dir is None and model_dir is None:
             raise NnDiffError("strategy 'wolleb' needs a noisy classifier, but none was given and the predictor "
@@ -405,7 +418,7 @@ class AnomalyPredictor(Predictor):
                               "with from_model_folder next to a trained AnomalyClassifierTrainer model")
         folder = Path(classifier_dir) if classifier_dir is not None else classifier_model_folder(model_dir)
         return load_classifier(folder, self.plans, self.configuration_name, folds=self.fold_names or (0,),
-                               device=self.device)
+                               checkpoint=checkpoint or self._classifier_checkpoint_name(), device=self.device)
 
     # ---- reconstruction -----------------------------------------------------------------------
     def start_time(self) -> float:

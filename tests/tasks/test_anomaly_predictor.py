@@ -211,6 +211,31 @@ def test_wolleb_without_a_classifier_names_the_missing_model_folder(trained, tmp
         _bare(paths, strategy="wolleb")
 
 
+def test_wolleb_classifier_uses_the_diffusion_checkpoint_name(trained, tmp_path):
+    # Found on the GPU: a time-limited training writes checkpoint_latest.pth only, and the classifier was
+    # always read from checkpoint_final.pth, so -chk checkpoint_latest.pth could not predict with wolleb.
+    paths, _, _ = trained
+    results = tmp_path / "results"
+    copies = {t: shutil.copytree(_model_dir(paths, t), results / _model_dir(paths, t).name)
+              for t in ("AnomalyCDPMTrainer", "AnomalyClassifierTrainer")}
+    classifier_dir, cdpm = copies["AnomalyClassifierTrainer"], copies["AnomalyCDPMTrainer"]
+    classifier_fold = classifier_dir / "fold_0"
+    (classifier_fold / "checkpoint_final.pth").unlink()  # as after a time-limited training
+    preprocessed = locate_dataset(DATASET, paths).preprocessed_dir
+    predictor = AnomalyCDPMPredictor.from_model_folder(cdpm, device="cpu", strategy="wolleb",
+                                                       checkpoint="checkpoint_latest.pth",
+                                                       preprocessed_dir=preprocessed)
+    reference = torch.load(classifier_fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    for name, value in predictor.classifier.state_dict().items():
+        torch.testing.assert_close(value, reference["ema_weights"][name])
+    with pytest.raises(NnDiffError, match=r"checkpoint_final.pth does not exist.*holds: checkpoint_best.pth, checkpoint_latest.pth.*-chk"):
+        AnomalyCDPMPredictor.from_model_folder(cdpm, device="cpu", strategy="wolleb", preprocessed_dir=preprocessed)
+    explicit = AnomalyCDPMPredictor.from_model_folder(cdpm, device="cpu", strategy="wolleb",
+                                                      preprocessed_dir=preprocessed, classifier_dir=classifier_dir,
+                                                      classifier_checkpoint="checkpoint_latest.pth")
+    assert explicit.classifier is not None
+
+
 @pytest.mark.parametrize("trainer,strategy", [("AnomalyDDPMTrainer", "anoddpm"), ("AnomalyCDPMTrainer", "cdpm"),
                                               ("AnomalyCDPMTrainer", "wolleb")])
 def test_strategies_end_to_end(trained, tmp_path, trainer, strategy):
