@@ -8,7 +8,7 @@
 #   bash benchmarks/mni_gpu_session.sh throughput         # GPU: issue-4 throughput pair, alone on the GPU
 #
 # GROUPS: comma-separated of 5 (reconstruction / denoising / translation), 6 (anomaly strategies,
-# segmentation), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
+# segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
 # .device_carry and .whl and begins with `bash benchmarks/mni_gpu_session.sh setup`, which is quick
 # (~10 s) and skips what the warm machine already has. Work goes to .device_work/ (ignored; kept
 # between calls while the machine stays warm), results and logs to $OUT (or ./kit_out), packed at the end of
@@ -81,8 +81,9 @@ jobs_of() {
     local groups=",$1,"
     [[ $groups == *,5,* ]] && printf '%s\n' "5 11 $CFG2 0 ReconstructionTrainer" "5 12 $CFG2 0 DenoisingTrainer" \
         "5 13 $CFG2 0 TranslationTrainer"
-    [[ $groups == *,6,* ]] && printf '%s\n' "6 14 $CFG2 1 AnomalyDDPMTrainer" "6 14 $CFG2 1 AnomalyCDPMTrainer" \
-        "6 14 $CFG2 1 AnomalyClassifierTrainer" "6 15 $CFG2 0 SegmentationDiffusionTrainer" \
+    [[ $groups == *,6,* || $groups == *,6a,* ]] && printf '%s\n' "6 14 $CFG2 1 AnomalyDDPMTrainer" \
+        "6 14 $CFG2 1 AnomalyCDPMTrainer" "6 14 $CFG2 1 AnomalyClassifierTrainer"
+    [[ $groups == *,6,* || $groups == *,6s,* ]] && printf '%s\n' "6 15 $CFG2 0 SegmentationDiffusionTrainer" \
         "6 15 $CFG2 0 SegmentationBaselineTrainer"
     [[ $groups == *,7,* ]] && printf '%s\n' "7 16 $CFG3 all LatentDiffusionTrainer"
     return 0
@@ -133,13 +134,13 @@ evaluate_5() {
     wait
 }
 
-evaluate_6() {
-    local s=$1 raw14 raw15 calib=$WORK/calib14 steps=() chk="-chk checkpoint_latest.pth"
+evaluate_6a() {
+    local s=$1 raw14 calib=$WORK/calib14 steps=() chk="-chk checkpoint_latest.pth"
     # Time-limited trainings write no checkpoint_final.pth: predict with the latest one.
     # The plan's DDPM has 1000 steps (AnoDDPM then takes 250 per window, 9 windows of 128² per 1 mm slice,
     # 43 slices with calibration): 100 respaced steps fit the call; the threshold is calibrated with the same.
     [ "$SCALE" = gpu ] && steps=(--steps "${ANOMALY_STEPS:-100}")
-    raw14=$(ls -d "$nnDiff_raw"/Dataset014_*); raw15=$(ls -d "$nnDiff_raw"/Dataset015_*)
+    raw14=$(ls -d "$nnDiff_raw"/Dataset014_*)
     # Threshold calibration on fold 1's validation cases (7 lesioned + 9 healthy), never on imagesTs.
     rm -rf "$calib"; mkdir -p "$calib/imagesTr" "$calib/labelsTr"
     python3 - "$nnDiff_preprocessed" "$raw14" "$calib" <<'EOF'
@@ -159,6 +160,12 @@ EOF
             --calibrate_threshold $calib/imagesTr $calib/labelsTr && $(printf '%q ' "${EVALUATE[@]}") \
             $raw14/labelsTs $OUT/anomaly_$strategy -d 14 --images $raw14/imagesTs --training $raw14/imagesTr" &
     done
+    wait
+}
+
+evaluate_6s() {
+    local s=$1 raw15 chk="-chk checkpoint_latest.pth"
+    raw15=$(ls -d "$nnDiff_raw"/Dataset015_*)
     under "$s" seg_diffusion bash -c "$(printf '%q ' "${PREDICT[@]}") -d 15 -c $CFG2 -tr SegmentationDiffusionTrainer \
         -f 0 $chk -i $raw15/imagesTs -o $OUT/seg_diffusion -device $DEVICE" &
     under "$s" seg_baseline bash -c "$(printf '%q ' "${PREDICT[@]}") -d 15 -c $CFG2 -tr SegmentationBaselineTrainer \
@@ -196,7 +203,8 @@ evaluate_7() {
 evaluate() {
     local groups=",$1,"
     [[ $groups == *,5,* ]] && evaluate_5 "$2" &
-    [[ $groups == *,6,* ]] && evaluate_6 "$2" &
+    [[ $groups == *,6,* || $groups == *,6a,* ]] && evaluate_6a "$2" &
+    [[ $groups == *,6,* || $groups == *,6s,* ]] && evaluate_6s "$2" &
     [[ $groups == *,7,* ]] && evaluate_7 "$2" &
     wait
     collect
