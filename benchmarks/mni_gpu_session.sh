@@ -7,8 +7,8 @@
 #   bash benchmarks/mni_gpu_session.sh evaluate GROUPS SECONDS # GPU: predictions + evaluations, each under timeout
 #   bash benchmarks/mni_gpu_session.sh throughput         # GPU: issue-4 throughput pair, alone on the GPU
 #
-# GROUPS: comma-separated of 5 (reconstruction / denoising / translation), 6 (anomaly strategies,
-# segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
+# GROUPS: comma-separated of 5 (reconstruction / denoising / translation; 5d: denoising only), 6 (anomaly
+# strategies, segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
 # .device_carry and .whl and begins with `bash benchmarks/mni_gpu_session.sh setup`, which is quick
 # (~10 s) and skips what the warm machine already has. Work goes to .device_work/ (ignored; kept
 # between calls while the machine stays warm), results and logs to $OUT (or ./kit_out), packed at the end of
@@ -79,8 +79,8 @@ setup() {
 # JOBS: "group dataset config fold trainer"
 jobs_of() {
     local groups=",$1,"
-    [[ $groups == *,5,* ]] && printf '%s\n' "5 11 $CFG2 0 ReconstructionTrainer" "5 12 $CFG2 0 DenoisingTrainer" \
-        "5 13 $CFG2 0 TranslationTrainer"
+    [[ $groups == *,5,* ]] && printf '%s\n' "5 11 $CFG2 0 ReconstructionTrainer" "5 13 $CFG2 0 TranslationTrainer"
+    [[ $groups == *,5,* || $groups == *,5d,* ]] && printf '%s\n' "5 12 $CFG2 0 DenoisingTrainer"
     [[ $groups == *,6,* || $groups == *,6a,* ]] && printf '%s\n' "6 14 $CFG2 1 AnomalyDDPMTrainer" \
         "6 14 $CFG2 1 AnomalyCDPMTrainer" "6 14 $CFG2 1 AnomalyClassifierTrainer"
     [[ $groups == *,6,* || $groups == *,6s,* ]] && printf '%s\n' "6 15 $CFG2 0 SegmentationDiffusionTrainer" \
@@ -119,18 +119,19 @@ under() {  # seconds name command...: one evaluation step with its own limit, lo
     tail -n 8 "$WORK/logs/$name.log" || true
 }
 
-evaluate_5() {
-    local s=$1 k=4 limit=()
+evaluate_5() {  # seconds [family ids, default 11 12 13]
+    local s=$1 k=4 limit=() ids=("${@:2}")
+    [ ${#ids[@]} -eq 0 ] && ids=(11 12 13)
     [ "$SCALE" = tiny ] && k=1
-    [ -n "${MAX_CASES:-}" ] && limit=(--max_cases "$MAX_CASES")  # dry runs: the first N held-out cases
+    [ -n "${MAX_CASES:-}" ] && limit=(--max_cases "$MAX_CASES")  # the first N held-out cases
     local fa=(python3 "$ROOT/benchmarks/family_arrays.py")
-    for id in 11 12 13; do "${fa[@]}" pack "$(ls -d "$nnDiff_raw"/Dataset0"$id"_*)" "$WORK/pack$id.npz" > /dev/null; done
-    under "$s" eval_11 "${fa[@]}" reconstruction "$(model_dir 11 "$CFG2" ReconstructionTrainer)" "$WORK/pack11.npz" \
-        "$OUT/eval_11" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
-    under "$s" eval_12 "${fa[@]}" denoising "$(model_dir 12 "$CFG2" DenoisingTrainer)" "$WORK/pack12.npz" \
-        "$OUT/eval_12" -n "$k" -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
-    under "$s" eval_13 "${fa[@]}" translation "$(model_dir 13 "$CFG2" TranslationTrainer)" "$WORK/pack13.npz" \
-        "$OUT/eval_13" -n $((2 * k)) -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
+    declare -A family=([11]=reconstruction [12]=denoising [13]=translation) \
+        trainer=([11]=ReconstructionTrainer [12]=DenoisingTrainer [13]=TranslationTrainer) samples=([11]=$k [12]=$k [13]=$((2 * k)))
+    for id in "${ids[@]}"; do
+        "${fa[@]}" pack "$(ls -d "$nnDiff_raw"/Dataset0"$id"_*)" "$WORK/pack$id.npz" > /dev/null
+        under "$s" "eval_$id" "${fa[@]}" "${family[$id]}" "$(model_dir "$id" "$CFG2" "${trainer[$id]}")" "$WORK/pack$id.npz" \
+            "$OUT/eval_$id" -n "${samples[$id]}" -chk checkpoint_best.pth -device "$DEVICE" "${limit[@]}" &
+    done
     wait
 }
 
@@ -203,6 +204,7 @@ evaluate_7() {
 evaluate() {
     local groups=",$1,"
     [[ $groups == *,5,* ]] && evaluate_5 "$2" &
+    [[ $groups == *,5d,* && $groups != *,5,* ]] && evaluate_5 "$2" 12 &
     [[ $groups == *,6,* || $groups == *,6a,* ]] && evaluate_6a "$2" &
     [[ $groups == *,6,* || $groups == *,6s,* ]] && evaluate_6s "$2" &
     [[ $groups == *,7,* ]] && evaluate_7 "$2" &
