@@ -161,8 +161,10 @@ def predict(family: str, args: argparse.Namespace) -> None:
         else:
             summary, arrays = run_denoising(predictor, cases, out_dir, args.n, args.seed, args.levels)
     summary["seconds"] = round(time.perf_counter() - start, 1)
+    planned = predictor.configuration["diffusion"]  # the predictor's overrides are None when it samples as planned
     summary["model"] = {"model_dir": str(args.model_dir), "checkpoint": args.checkpoint, "folds": args.f,
-                        "sampler": predictor.sampler_name, "num_steps": predictor.num_steps}
+                        "sampler": predictor.sampler_name or planned.get("sampler"),
+                        "num_steps": predictor.num_steps or planned.get("num_sampling_steps")}
     save_json(summary, out_dir / "summary.json")
     if arrays:
         props = {identifier: properties.to_json() for identifier, _, properties, _ in cases}

@@ -6,6 +6,7 @@
 #   bash benchmarks/mni_gpu_session.sh train GROUPS SECONDS    # GPU: trainings of GROUPS in parallel (resumable)
 #   bash benchmarks/mni_gpu_session.sh evaluate GROUPS SECONDS # GPU: predictions + evaluations, each under timeout
 #   bash benchmarks/mni_gpu_session.sh throughput         # GPU: issue-4 throughput pair, alone on the GPU
+#   bash benchmarks/mni_gpu_session.sh memory SECONDS     # GPU: issue-7 memory of the planned latent steps (8/24/64 GiB)
 #
 # GROUPS: comma-separated of 5 (reconstruction / denoising / translation; 5d: denoising only), 6 (anomaly
 # strategies, segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
@@ -178,8 +179,6 @@ evaluate_6s() {
 evaluate_7() {
     local s=$1 n=2 pixel=3d_fullres
     [ "$SCALE" = tiny ] && n=1 && pixel=2d_tiny
-    local mp=(env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py")
-    [ "$DEVICE" = cuda ] || mp=(env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py")
     # Phase 1, in parallel: autoencoder ceiling, latent samples, pixel 3D samples (a few iterations are
     # enough to time sampling at the planned patch and measure its memory: both independent of
     # training quality), and the 8 / 24 GiB memory cases (one process each: per-process allocator peaks).
@@ -190,13 +189,25 @@ evaluate_7() {
     ( under "$s" pixel_train "${TRAIN[@]}" 16 "$pixel" all --iterations 10 -device "$DEVICE"
       under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
           -o "$OUT/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE" ) &
-    for case in mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae; do
-        [ "$SCALE" = tiny ] && [[ $case != mr:8:* ]] && continue
-        under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" &
-    done
+    memory_7 "$s" small &
     wait
-    # Phase 2: the 64 GiB cases one at a time (each may reserve ~55 GiB of the card).
-    if [ "$SCALE" != tiny ]; then
+    memory_7 "$s" large  # phase 2: alone on the card
+}
+
+memory_7() {  # seconds [small|large|all]: issue 7's memory of the planned autoencoder and latent steps (no model needed)
+    local s=$1 which=${2:-all} case
+    local mp=(env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py")
+    [ "$DEVICE" = cuda ] || mp=(env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py")
+    # The 8 / 24 GiB cases in parallel (one process each: per-process allocator peaks), then the
+    # 64 GiB cases one at a time (each may reserve ~55 GiB of the card).
+    if [ "$which" != large ]; then
+        for case in mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae; do
+            [ "$SCALE" = tiny ] && [[ $case != mr:8:* ]] && continue
+            under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" &
+        done
+        wait
+    fi
+    if [ "$SCALE" != tiny ] && [ "$which" != small ]; then
         for case in mr:64:3d_latent mr:64:3d_latent:ae; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case"; done
     fi
 }
@@ -245,6 +256,7 @@ case "$step" in
     setup) setup ;;
     train) setup; status=0; train "${2:?GROUPS}" "${3:?SECONDS}" || status=$?; pack_out "train_${2//,/_}"; exit $status ;;
     evaluate) setup; evaluate "${2:?GROUPS}" "${3:?SECONDS}"; pack_out "evaluate_${2//,/_}" ;;
+    memory) setup; memory_7 "${2:?SECONDS}"; collect; pack_out memory ;;
     throughput) setup; status=0; throughput || status=$?; pack_out throughput; exit $status ;;
-    *) sed -n '2,17p' "$0"; exit 2 ;;
+    *) sed -n '2,18p' "$0"; exit 2 ;;
 esac
