@@ -6,6 +6,7 @@
 #   bash benchmarks/mni_gpu_session.sh train GROUPS SECONDS    # GPU: trainings of GROUPS in parallel (resumable)
 #   bash benchmarks/mni_gpu_session.sh evaluate GROUPS SECONDS # GPU: predictions + evaluations, each under timeout
 #   bash benchmarks/mni_gpu_session.sh throughput         # GPU: issue-4 throughput pair, alone on the GPU
+#   bash benchmarks/mni_gpu_session.sh jobs GROUPS          # anywhere: the trainings a train step would start
 #   bash benchmarks/mni_gpu_session.sh memory SECONDS     # GPU: issue-7 memory of the planned latent steps (8/24/64 GiB)
 #
 # GROUPS: comma-separated of 5 (reconstruction / denoising / translation; 5d: denoising only), 6 (anomaly
@@ -256,7 +257,8 @@ case "$step" in
     setup) setup ;;
     train) setup; status=0; train "${2:?GROUPS}" "${3:?SECONDS}" || status=$?; pack_out "train_${2//,/_}"; exit $status ;;
     evaluate) setup; evaluate "${2:?GROUPS}" "${3:?SECONDS}"; pack_out "evaluate_${2//,/_}" ;;
+    jobs) jobs_of "${2:?GROUPS}" ;;
     memory) setup; memory_7 "${2:?SECONDS}"; collect; pack_out memory ;;
     throughput) setup; status=0; throughput || status=$?; pack_out throughput; exit $status ;;
-    *) sed -n '2,18p' "$0"; exit 2 ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -61,3 +61,22 @@ def test_gpu_session_script_parses_and_prints_its_usage():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "prepare" in usage.stdout and "GROUPS" in usage.stdout
+
+
+def test_gpu_session_groups_select_their_trainings():
+    """The kit's groups start exactly their trainings (5d: denoising alone; 6a / 6s: the two halves of 6)."""
+    script = BENCHMARKS / "mni_gpu_session.sh"
+
+    def trainers(groups: str) -> list[str]:
+        result = subprocess.run(["bash", str(script), "jobs", groups], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return sorted(line.split()[-1] for line in result.stdout.splitlines() if line.strip())
+
+    assert trainers("5") == ["DenoisingTrainer", "ReconstructionTrainer", "TranslationTrainer"]
+    assert trainers("5d") == ["DenoisingTrainer"]
+    assert trainers("5,5d") == trainers("5")
+    assert trainers("6a") == ["AnomalyCDPMTrainer", "AnomalyClassifierTrainer", "AnomalyDDPMTrainer"]
+    assert trainers("6s") == ["SegmentationBaselineTrainer", "SegmentationDiffusionTrainer"]
+    assert trainers("6") == sorted(trainers("6a") + trainers("6s"))
+    assert trainers("5d,6s") == sorted(["DenoisingTrainer"] + trainers("6s"))
+    assert trainers("7") == ["LatentDiffusionTrainer"]
