@@ -204,7 +204,9 @@ memory_7() {  # seconds [small|large|all]: issue 7's memory of the planned autoe
     # one of them joins the parallel phase.
     [ "$which" != large ] && small=(mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae)
     [ "$which" != small ] && large=(mr:64:3d_latent mr:64:3d_latent:ae)
-    if [ "$SCALE" = tiny ]; then small=(mr:8:3d_latent mr:8:3d_latent:ae); large=(); fi
+    if [ "$SCALE" = tiny ]; then  # the dry run: the two 8 GiB cases in smoke mode, in the small phase only
+        large=(); [ "$which" != large ] && small=(mr:8:3d_latent mr:8:3d_latent:ae)
+    fi
     gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)
     if [ "$which" = all ] && [ "$((${gib:-0} / 1024))" -ge 128 ]; then small+=("${large[0]}"); large=("${large[@]:1}"); fi
     for case in "${small[@]}"; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" & done
