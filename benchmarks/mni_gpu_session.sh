@@ -196,19 +196,19 @@ evaluate_7() {
 }
 
 memory_7() {  # seconds [small|large|all]: issue 7's memory of the planned autoencoder and latent steps (no model needed)
-    local s=$1 which=${2:-all} case small=() large=() gib
+    local s=$1 which=${2:-all} case gib
+    local small=(mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae) large=(mr:64:3d_latent mr:64:3d_latent:ae)
     local mp=(env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py")
     [ "$DEVICE" = cuda ] || mp=(env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py")
     # One process per case (per-process allocator peaks). The 8 / 24 GiB cases (at most 64 GiB together)
     # run in parallel; a 64 GiB case needs the card to itself unless it has >= 128 GiB (H200), where
     # one of them joins the parallel phase.
-    [ "$which" != large ] && small=(mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae)
-    [ "$which" != small ] && large=(mr:64:3d_latent mr:64:3d_latent:ae)
-    if [ "$SCALE" = tiny ]; then  # the dry run: the two 8 GiB cases in smoke mode, in the small phase only
-        large=(); [ "$which" != large ] && small=(mr:8:3d_latent mr:8:3d_latent:ae)
-    fi
+    if [ "$SCALE" = tiny ]; then small=("${small[@]:0:2}"); large=(); fi  # the dry run: the 8 GiB cases (smoke mode)
+    if [ "$which" = large ]; then small=(); elif [ "$which" = small ]; then large=(); fi
     gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)
-    if [ "$which" = all ] && [ "$((${gib:-0} / 1024))" -ge 128 ]; then small+=("${large[0]}"); large=("${large[@]:1}"); fi
+    if [ "$which" = all ] && [ ${#large[@]} -gt 0 ] && [ "$((${gib:-0} / 1024))" -ge 128 ]; then
+        small+=("${large[0]}"); large=("${large[@]:1}")
+    fi
     for case in "${small[@]}"; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" & done
     wait
     for case in "${large[@]}"; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case"; done
