@@ -7,10 +7,14 @@
 #   bash benchmarks/mni_gpu_session.sh evaluate GROUPS SECONDS # GPU: predictions + evaluations, each under timeout
 #   bash benchmarks/mni_gpu_session.sh throughput         # GPU: issue-4 throughput pair, alone on the GPU
 #   bash benchmarks/mni_gpu_session.sh jobs GROUPS          # anywhere: the trainings a train step would start
-#   bash benchmarks/mni_gpu_session.sh memory SECONDS     # GPU: issue-7 memory of the planned latent steps (8/24/64 GiB)
+#   bash benchmarks/mni_gpu_session.sh memory SECONDS [PHASE ...]  # GPU: issue-7 memory of the planned latent steps (8/24/64 GiB)
+#   bash benchmarks/mni_gpu_session.sh memory_phases [PHASE ...]   # anywhere: the memory cases, one phase per line
 #
 # GROUPS: comma-separated of 5 (reconstruction / denoising / translation; 5d: denoising only), 6 (anomaly
-# strategies, segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of the latent plan). Each `run` call carries
+# strategies, segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of
+# the latent plan; evaluate 7a: autoencoder held-out + the short pixel 3D training, which may share the GPU
+# with a training; 7t: latent then pixel sampling, timed alone). A memory PHASE is a comma-separated list of
+# cases of benchmarks/memory_plan.py (mr:24:3d_latent:ae, ...) run in parallel. Each `run` call carries
 # .device_carry and .whl and begins with `bash benchmarks/mni_gpu_session.sh setup`, which is quick
 # (~10 s) and skips what the warm machine already has. Work goes to .device_work/ (ignored; kept
 # between calls while the machine stays warm), results and logs to $OUT (or ./kit_out), packed at the end of
@@ -177,41 +181,71 @@ evaluate_6s() {
     under 300 seg_evaluate "${EVALUATE[@]}" "$raw15/labelsTs" "$OUT/seg_diffusion" -d 15 --baseline "$OUT/seg_baseline"
 }
 
-evaluate_7() {
-    local s=$1 n=2 pixel=3d_fullres
-    [ "$SCALE" = tiny ] && n=1 && pixel=2d_tiny
-    # Phase 1, in parallel: autoencoder ceiling, latent samples, pixel 3D samples (a few iterations are
-    # enough to time sampling at the planned patch and measure its memory: both independent of
-    # training quality), and the 8 / 24 GiB memory cases (one process each: per-process allocator peaks).
-    under "$s" autoencoder_heldout "${EVAL_AE[@]}" -d 16 -c "$CFG3" -f all -device "$DEVICE" \
-        -o "$OUT/autoencoder_evaluation.json" &
-    under "$s" latent_samples "${PREDICT[@]}" -d 16 -c "$CFG3" -tr LatentDiffusionTrainer -f all \
-        -o "$OUT/latent_samples" --num_samples "$n" --shape median -device "$DEVICE" &
-    ( under "$s" pixel_train "${TRAIN[@]}" 16 "$pixel" all --iterations 10 -device "$DEVICE"
-      under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
-          -o "$OUT/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE" ) &
-    memory_7 "$s" small &
-    wait
-    memory_7 "$s" large  # phase 2: alone on the card
+evaluate_7() {  # seconds [parts: a t m, default all three]
+    local s=$1 parts=" ${*:2} "
+    [ "$parts" = "  " ] && parts=" a t m "
+    [[ $parts == *" a "* ]] && evaluate_7a "$s"
+    [[ $parts == *" t "* ]] && evaluate_7t "$s"
+    [[ $parts == *" m "* ]] && memory_7 "$s"
+    return 0
 }
 
-memory_7() {  # seconds [small|large|all]: issue 7's memory of the planned autoencoder and latent steps (no model needed)
-    local s=$1 which=${2:-all} case gib
-    local small=(mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae) large=(mr:64:3d_latent mr:64:3d_latent:ae)
+pixel_config() { if [ "$SCALE" = tiny ]; then echo 2d_tiny; else echo 3d_fullres; fi; }
+
+evaluate_7a() {  # seconds: what may share the GPU with a training (no timing is read from it)
+    local s=$1 pixel
+    pixel=$(pixel_config)
+    # The autoencoder ceiling (held-out PSNR/SSIM), and a pixel-space 3D model of a few iterations at
+    # its planned patch: enough to time sampling and measure its memory, both independent of quality.
+    under "$s" autoencoder_heldout "${EVAL_AE[@]}" -d 16 -c "$CFG3" -f all -device "$DEVICE" \
+        -o "$OUT/autoencoder_evaluation.json" &
+    under "$s" pixel_train "${TRAIN[@]}" 16 "$pixel" all --iterations 10 -device "$DEVICE" &
+    wait
+}
+
+evaluate_7t() {  # seconds: seconds per volume, latent vs pixel, one after the other, alone on the GPU
+    local s=$1 n=2 pixel kind
+    pixel=$(pixel_config)
+    [ "$SCALE" = tiny ] && n=1
+    # The volumes stay in $WORK (two 1 mm volumes are more than the device tool returns); $OUT gets their
+    # timing/info JSON and a preview (orthogonal mid-slices + statistics, benchmarks/volume_preview.py).
+    under "$s" latent_samples "${PREDICT[@]}" -d 16 -c "$CFG3" -tr LatentDiffusionTrainer -f all \
+        -o "$WORK/latent_samples" --num_samples "$n" --shape median -device "$DEVICE"
+    under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
+        -o "$WORK/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE"
+    for kind in latent pixel; do
+        mkdir -p "$OUT/${kind}_samples"
+        cp "$WORK/${kind}_samples"/*.json "$OUT/${kind}_samples/" 2>/dev/null || true
+    done
+    under 120 latent_preview python3 "$ROOT/benchmarks/volume_preview.py" "$WORK/latent_samples" \
+        "$OUT/latent_samples/preview.png" --reference "$(ls "$nnDiff_raw"/Dataset016_*/imagesTs/*.npz | head -1)"
+}
+
+memory_phases() {  # [PHASE ...]: the memory cases, one line per phase (a phase's cases run in parallel)
+    if [ $# -gt 0 ]; then printf '%s\n' "${@//,/ }"; return 0; fi
+    local gib
+    if [ "$SCALE" = tiny ]; then echo "mr:8:3d_latent mr:8:3d_latent:ae"; return 0; fi  # dry run (smoke mode)
+    # Default: the 8 / 24 GiB cases together (at most 64 GiB), then each 64 GiB case alone; on a card
+    # with >= 128 GiB (H200) the first 64 GiB case joins the parallel phase.
+    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)
+    if [ "$((${gib:-0} / 1024))" -ge 128 ]; then
+        printf '%s\n' "mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae mr:64:3d_latent" \
+            "mr:64:3d_latent:ae"
+    else
+        printf '%s\n' "mr:8:3d_latent mr:8:3d_latent:ae mr:24:3d_latent mr:24:3d_latent:ae" "mr:64:3d_latent" \
+            "mr:64:3d_latent:ae"
+    fi
+}
+
+memory_7() {  # seconds [PHASE ...]: issue 7's memory of the planned autoencoder and latent steps (no model needed)
+    local s=$1 phase case
     local mp=(env COMPILE=1 python3 "$ROOT/benchmarks/memory_plan.py")
     [ "$DEVICE" = cuda ] || mp=(env DEVICE=cpu SMOKE=1 python3 "$ROOT/benchmarks/memory_plan.py")
-    # One process per case (per-process allocator peaks). The 8 / 24 GiB cases (at most 64 GiB together)
-    # run in parallel; a 64 GiB case needs the card to itself unless it has >= 128 GiB (H200), where
-    # one of them joins the parallel phase.
-    if [ "$SCALE" = tiny ]; then small=("${small[@]:0:2}"); large=(); fi  # the dry run: the 8 GiB cases (smoke mode)
-    if [ "$which" = large ]; then small=(); elif [ "$which" = small ]; then large=(); fi
-    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)
-    if [ "$which" = all ] && [ ${#large[@]} -gt 0 ] && [ "$((${gib:-0} / 1024))" -ge 128 ]; then
-        small+=("${large[0]}"); large=("${large[@]:1}")
-    fi
-    for case in "${small[@]}"; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" & done
-    wait
-    for case in "${large[@]}"; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case"; done
+    # One process per case (per-process allocator peaks); phases one after another.
+    while read -r phase; do
+        for case in $phase; do under "$s" "memory_${case//:/_}" "${mp[@]}" "$case" & done
+        wait
+    done < <(memory_phases "${@:2}")
 }
 
 evaluate() {
@@ -221,6 +255,8 @@ evaluate() {
     [[ $groups == *,6,* || $groups == *,6a,* ]] && evaluate_6a "$2" &
     [[ $groups == *,6,* || $groups == *,6s,* ]] && evaluate_6s "$2" &
     [[ $groups == *,7,* ]] && evaluate_7 "$2" &
+    [[ $groups == *,7a,* && $groups != *,7,* ]] && evaluate_7 "$2" a &
+    [[ $groups == *,7t,* && $groups != *,7,* ]] && evaluate_7 "$2" t &
     wait
     collect
 }
@@ -259,7 +295,8 @@ case "$step" in
     train) setup; status=0; train "${2:?GROUPS}" "${3:?SECONDS}" || status=$?; pack_out "train_${2//,/_}"; exit $status ;;
     evaluate) setup; evaluate "${2:?GROUPS}" "${3:?SECONDS}"; pack_out "evaluate_${2//,/_}" ;;
     jobs) jobs_of "${2:?GROUPS}" ;;
-    memory) setup; memory_7 "${2:?SECONDS}"; collect; pack_out memory ;;
+    memory) setup; memory_7 "${2:?SECONDS}" "${@:3}"; collect; pack_out memory ;;
+    memory_phases) memory_phases "${@:2}" ;;
     throughput) setup; status=0; throughput || status=$?; pack_out throughput; exit $status ;;
-    *) sed -n '2,19p' "$0"; exit 2 ;;
+    *) sed -n '2,23p' "$0"; exit 2 ;;
 esac

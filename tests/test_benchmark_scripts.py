@@ -4,6 +4,7 @@ documentation/benchmarks.md)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,7 @@ def test_gpu_session_script_parses_and_prints_its_usage():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "prepare" in usage.stdout and "GROUPS" in usage.stdout
+    assert "memory_phases" in usage.stdout and "CPU dry run" in usage.stdout  # the whole header
 
 
 def test_gpu_session_groups_select_their_trainings():
@@ -80,3 +82,21 @@ def test_gpu_session_groups_select_their_trainings():
     assert trainers("6") == sorted(trainers("6a") + trainers("6s"))
     assert trainers("5d,6s") == sorted(["DenoisingTrainer"] + trainers("6s"))
     assert trainers("7") == ["LatentDiffusionTrainer"]
+
+
+def test_gpu_session_memory_phases():
+    """Memory cases run phase by phase: the default puts the 8 / 24 GiB cases together and each 64 GiB case
+    alone (no GPU here, so the <128 GiB layout); explicit phases are comma-separated lists."""
+    script = BENCHMARKS / "mni_gpu_session.sh"
+
+    def phases(*args: str, scale: str = "gpu") -> list[list[str]]:
+        env = {**os.environ, "SCALE": scale, "PATH": "/usr/bin:/bin"}  # no nvidia-smi: a card under 128 GiB
+        result = subprocess.run(["bash", str(script), "memory_phases", *args], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return [line.split() for line in result.stdout.splitlines()]
+
+    assert phases() == [["mr:8:3d_latent", "mr:8:3d_latent:ae", "mr:24:3d_latent", "mr:24:3d_latent:ae"],
+                        ["mr:64:3d_latent"], ["mr:64:3d_latent:ae"]]
+    assert phases("mr:8:3d_latent,mr:24:3d_latent", "mr:64:3d_latent:ae") == [
+        ["mr:8:3d_latent", "mr:24:3d_latent"], ["mr:64:3d_latent:ae"]]
+    assert phases(scale="tiny") == [["mr:8:3d_latent", "mr:8:3d_latent:ae"]]
