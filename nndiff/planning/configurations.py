@@ -13,6 +13,7 @@ from nndiff.planning.constants import (
     AUTOENCODER_DECODE_HEADROOM,
     AUTOENCODER_KL_WEIGHT,
     AUTOENCODER_LOSS_TENSORS,
+    AUTOENCODER_MEMORY_CALIBRATION,
     AUTOENCODER_MAX_CHANNEL_MULT,
     AUTOENCODER_NUM_EPOCHS,
     AUTOENCODER_NUM_RES_BLOCKS,
@@ -221,7 +222,7 @@ def autoencoder_standin_network(dims: int, in_channels: int, base_channels: int,
 
     The memory model walks ADM UNets only. The UNet stand-in keeps *more* than the autoencoder
     (skip tensors, decoder blocks over concatenated skips, time embeddings), so its estimate is an
-    upper bound: a conservative rule until a GPU calibration of the autoencoder itself exists.
+    upper bound, scaled by AUTOENCODER_MEMORY_CALIBRATION (measured on the GPU) before use.
     """
     return {"architecture": "unet", "spatial_dims": dims, "in_channels": in_channels, "cond_channels": 0,
             "out_channels": in_channels, "model_channels": base_channels, "channel_mult": list(multipliers),
@@ -233,9 +234,10 @@ def autoencoder_standin_network(dims: int, in_channels: int, base_channels: int,
 def estimate_autoencoder_vram_gib(standin: dict[str, Any], patch: Sequence[int], batch_size: int,
                                   in_channels: int, dtype: str = TRAINING_DTYPE) -> float:
     """Estimated GPU memory (GiB) of one autoencoder training step: the UNet stand-in's estimate
-    plus AUTOENCODER_LOSS_TENSORS fp32 full-resolution tensors per image channel (L1 + SSIM loss)."""
+    plus AUTOENCODER_LOSS_TENSORS fp32 full-resolution tensors per image channel (L1 + SSIM loss),
+    times AUTOENCODER_MEMORY_CALIBRATION (the stand-in over-counts; measured on the GPU)."""
     loss = batch_size * math.prod(patch) * in_channels * AUTOENCODER_LOSS_TENSORS * 4 / GIB
-    return estimate_training_vram(standin, patch, batch_size, dtype).total_gib + loss
+    return AUTOENCODER_MEMORY_CALIBRATION * (estimate_training_vram(standin, patch, batch_size, dtype).total_gib + loss)
 
 
 def _round_to_factors(raw: Sequence[float], factors: Sequence[int]) -> list[int]:
@@ -262,8 +264,9 @@ def decide_autoencoder_patch(median_shape: Sequence[int], factors: Sequence[int]
         scale *= PATCH_SCALE_STEP
     coverage = min(1.0, math.prod(patch) / median_voxels)
     head = (f"target {fmt_num(target_gib)} GiB → budget {fmt_gib(budget)}; autoencoder step estimated with a "
-            f"UNet-shaped stand-in (same levels, widths and strides, no attention; keeps more tensors than the "
-            f"autoencoder → conservative) + {AUTOENCODER_LOSS_TENSORS} fp32 loss tensors per voxel and channel")
+            f"UNet-shaped stand-in (same levels, widths and strides, no attention) + {AUTOENCODER_LOSS_TENSORS} fp32 "
+            f"loss tensors per voxel and channel, × {AUTOENCODER_MEMORY_CALIBRATION} (the stand-in keeps more "
+            f"tensors than the autoencoder; calibrated on the GPU)")
     tail = (f"patch {fmt_shape(patch)} ({fmt_pct(coverage)} of the median {fmt_shape(median_shape)}, sides "
             f"multiples of the factors {fmt_shape(factors)}), estimate {fmt_gib(estimate)} at batch {MIN_BATCH_SIZE}")
     if not fits:

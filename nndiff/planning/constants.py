@@ -83,6 +83,11 @@ AUTOENCODER_NUM_EPOCHS = 100
 #: reconstruction, |difference|, SSIM local means / variances / covariance and map), added to the
 #: memory estimate of the UNet-shaped stand-in (see plan_autoencoder_block).
 AUTOENCODER_LOSS_TENSORS = 12
+#: The stand-in's estimate (UNet-shaped, keeps skip tensors the autoencoder does not) times this factor is
+#: the planned autoencoder step's memory. Measured max_memory_reserved / uncalibrated estimate of the
+#: planned 3D steps (torch.compile, bf16; H200, session 10, documentation/benchmarks.md): 0.687 / 0.777 /
+#: 0.665 at 8 / 24 / 64 GiB. Without it the 64 GiB plan used 49 % of its target.
+AUTOENCODER_MEMORY_CALIBRATION = 0.72
 #: Decoding without gradients keeps no activations for a backward pass: a decode of this many times
 #: the autoencoder's training voxels (patch × batch) fits in what the training step used.
 AUTOENCODER_DECODE_HEADROOM = 4
