@@ -6,7 +6,9 @@ implies is ``reserved - static - workspace``; its ratio to the estimated activat
 the scale the row was planned with) is that case's scale. The largest ratio per spatial
 dimensionality is printed, so that every measured case stays within its budget when replanned.
 
-    python benchmarks/memory_calibrate.py measure_compiled.json [...]   # prints ACT_SCALE_2D=.. ACT_SCALE_3D=..
+    python benchmarks/memory_calibrate.py measure_compiled*.json   # prints ACT_SCALE_2D=.. ACT_SCALE_3D=..
+
+(memory_plan.py writes measure_compiled.json for its default cases, measure_compiled_<cases>.json otherwise.)
 """
 import json
 import sys

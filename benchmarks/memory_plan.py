@@ -138,5 +138,7 @@ for text in sys.argv[1:] or DEFAULT_CASES:
     print(json.dumps(row), flush=True)
     out.append(row)
     del model, ema, opt, fwd
+# One file per invocation: processes run in parallel (one case each) must not overwrite each other's rows.
+suffix = "" if len(sys.argv) == 1 else "_" + "_".join(a.replace(":", "-") for a in sys.argv[1:])[:120]
 os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), f"measure_{'compiled' if compile_ else 'eager'}.json"), "w"), indent=1)
+json.dump(out, open(os.path.join(os.environ.get("OUT", "."), f"measure_{'compiled' if compile_ else 'eager'}{suffix}.json"), "w"), indent=1)

@@ -4,6 +4,7 @@ documentation/benchmarks.md)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,16 @@ def test_gpu_session_memory_phases():
     assert phases("mr:8:3d_latent,mr:24:3d_latent", "mr:64:3d_latent:ae") == [
         ["mr:8:3d_latent", "mr:24:3d_latent"], ["mr:64:3d_latent:ae"]]
     assert phases(scale="tiny") == [["mr:8:3d_latent", "mr:8:3d_latent:ae"]]
+
+
+def test_memory_plan_smoke_row_and_per_case_file(tmp_path):
+    """memory_plan.py's code path on the CPU (SMOKE: batch 1, smallest patch): one JSON row per case with the
+    planner's estimate, and a file named after the case, so parallel one-case processes keep their rows."""
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "OUT": str(tmp_path),
+           "PYTHONPATH": str(BENCHMARKS.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "memory_plan.py"), "mr:8:3d_latent:ae"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["case"] == "mr:8:3d_latent:ae" and row["smoke"] is True and 0 < row["estimate"] < 8
+    assert json.loads((tmp_path / "measure_eager_mr-8-3d_latent-ae.json").read_text()) == [row]
