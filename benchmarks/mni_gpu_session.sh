@@ -209,7 +209,8 @@ evaluate_7t() {  # seconds: seconds per volume, latent vs pixel, one after the o
     [ "$SCALE" = tiny ] && n=1
     # The volumes stay in $WORK (two 1 mm volumes are more than the device tool returns); $OUT gets their
     # timing/info JSON and a preview (orthogonal mid-slices + statistics, benchmarks/volume_preview.py).
-    under "$s" latent_samples "${PREDICT[@]}" -d 16 -c "$CFG3" -tr LatentDiffusionTrainer -f all \
+    # checkpoint_latest: a training stopped by its time limit has no checkpoint_final (session 10).
+    under "$s" latent_samples "${PREDICT[@]}" -d 16 -c "$CFG3" -tr LatentDiffusionTrainer -f all -chk checkpoint_latest.pth \
         -o "$WORK/latent_samples" --num_samples "$n" --shape median -device "$DEVICE"
     under "$s" pixel_samples "${PREDICT[@]}" -d 16 -c "$pixel" -tr GenerationTrainer -f all \
         -o "$WORK/pixel_samples" --num_samples 1 --shape patch -device "$DEVICE"
