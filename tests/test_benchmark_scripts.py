@@ -114,3 +114,35 @@ def test_memory_plan_smoke_row_and_per_case_file(tmp_path):
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["case"] == "mr:8:3d_latent:ae" and row["smoke"] is True and 0 < row["estimate"] < 8
     assert json.loads((tmp_path / "measure_eager_mr-8-3d_latent-ae.json").read_text()) == [row]
+
+
+def test_volume_preview_writes_mid_slices_and_statistics(tmp_path):
+    """volume_preview.py: one PNG of orthogonal mid-slices and per-volume statistics (shape, spacing, range,
+    foreground share) for the samples and the reference; an empty folder is an error message."""
+    import numpy as np
+
+    from nndiff.dataset.io import ImageProperties, write_image
+
+    def write(array: np.ndarray, path: Path) -> None:
+        props = ImageProperties(spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                                direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), spatial_dims=3, shape=array.shape[1:])
+        write_image(array, props, path)
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    volume = np.zeros((1, 6, 8, 10), np.float32)
+    volume[0, 2:4, 2:6, 3:7] = 100.0  # 32 of 480 voxels bright
+    write(volume, samples / "sample_0000.npz")
+    write(2 * volume, tmp_path / "reference.npz")
+    spec = importlib.util.spec_from_file_location("volume_preview", BENCHMARKS / "volume_preview.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "preview.png"
+    assert module.main([str(samples), str(out), "--reference", str(tmp_path / "reference.npz")]) == 0
+    assert out.stat().st_size > 0
+    stats = json.loads(out.with_suffix(".json").read_text())
+    assert set(stats) == {"sample_0000", "reference"}
+    assert stats["sample_0000"]["shape"] == [6, 8, 10] and stats["sample_0000"]["spacing"] == [2.0, 1.0, 1.0]
+    assert stats["sample_0000"]["max"] == 100.0 and stats["reference"]["max"] == 200.0
+    assert stats["sample_0000"]["foreground"] == pytest.approx(32 / 480)
+    assert module.main([str(tmp_path / "empty"), str(out)]) == 1  # no samples: a message, not a crash
