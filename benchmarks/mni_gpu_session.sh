@@ -14,7 +14,8 @@
 # strategies, segmentation; 6a: anomaly only, 6s: segmentation only), 7 (latent 3D + pixel 3D timing + memory of
 # the latent plan; evaluate 7a: autoencoder held-out + the short pixel 3D training, which may share the GPU
 # with a training; 7t: latent then pixel sampling, timed alone). A memory PHASE is a comma-separated list of
-# cases of benchmarks/memory_plan.py (mr:24:3d_latent:ae, ...) run in parallel. Each `run` call carries
+# cases of benchmarks/memory_plan.py (mr:24:3d_latent:ae, ...) run in parallel. Steps started side by side
+# (each with its own OUT) need `setup` run once before them on a cold machine. Each `run` call carries
 # .device_carry and .whl and begins with `bash benchmarks/mni_gpu_session.sh setup`, which is quick
 # (~10 s) and skips what the warm machine already has. Work goes to .device_work/ (ignored; kept
 # between calls while the machine stays warm), results and logs to $OUT (or ./kit_out), packed at the end of
@@ -299,5 +300,5 @@ case "$step" in
     memory) setup; memory_7 "${2:?SECONDS}" "${@:3}"; collect; pack_out memory ;;
     memory_phases) memory_phases "${@:2}" ;;
     throughput) setup; status=0; throughput || status=$?; pack_out throughput; exit $status ;;
-    *) sed -n '2,23p' "$0"; exit 2 ;;
+    *) sed -n '2,24p' "$0"; exit 2 ;;
 esac
