@@ -1,7 +1,8 @@
 """Orthogonal mid-slices and statistics of generated 3D volumes, small enough to come back from the GPU.
 
-Full-size samples (181×217×181 float32, ~28 MB each) are larger than the device tool returns, so the
-kit keeps them on the GPU machine and brings back this preview: one PNG row per volume (axial, coronal,
+Full-size samples (the MNI152 volume: 100×181×145 float32, ~10 MB each, noise-like and barely
+compressible) soon pass the device tool's 16 MiB per returned file, so the kit keeps them on the GPU
+machine and brings back this preview: one PNG row per volume (axial, coronal,
 sagittal mid-slices) and one JSON with shape, spacing and intensity statistics per volume.
 
     python benchmarks/volume_preview.py SAMPLES_DIR OUT.png [--reference IMAGE.npz]
